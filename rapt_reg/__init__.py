@@ -1,0 +1,24 @@
+"""rapt-reg: RAPT (multi-layer random perturbation training) as a drop-in loss term.
+
+>>> import rapt_reg
+>>> sorted(rapt_reg.__all__)[:3]
+['BlockDiscoveryError', 'BlockStack', 'RandomPerturbationRegularizer']
+"""
+
+from .discovery import BlockDiscoveryError, BlockStack, find_transformer_blocks
+from .errors import RaptRegError
+from .noise import sample_noise, scale_noise
+from .regularizer import RandomPerturbationRegularizer
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BlockDiscoveryError",
+    "BlockStack",
+    "RandomPerturbationRegularizer",
+    "RaptRegError",
+    "__version__",
+    "find_transformer_blocks",
+    "sample_noise",
+    "scale_noise",
+]

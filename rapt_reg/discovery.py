@@ -1,0 +1,242 @@
+"""Find the transformer blocks of any model by introspection.
+
+A *stack* is a container (``nn.ModuleList``, ``nn.Sequential`` or ``nn.ModuleDict``) whose
+members all have one class and contain attention. Stacks nested inside another stack's members
+(ALBERT's inner layer list, per-head lists) are left out, so the outermost one wins.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Optional, Union
+
+from torch import nn
+
+from .errors import RaptRegError
+
+_ATTENTION = re.compile(r"attn|attention", re.IGNORECASE)
+_CONTAINERS = (nn.ModuleList, nn.Sequential, nn.ModuleDict)
+
+BlocksSpec = Union[str, Sequence[Union[str, nn.Module]], None]
+
+
+class BlockDiscoveryError(RaptRegError):
+    """The transformer blocks could not be found, or more than one stack could be them."""
+
+
+@dataclass(frozen=True)
+class BlockStack:
+    """The blocks noise can be added after, in the order they run.
+
+    Attributes:
+        path: Dotted path of the container in the (unwrapped) model, or ``""`` for a list
+            given by hand.
+        names: Dotted path of each block.
+        blocks: The block modules. One module may appear once yet run several times per
+            forward (ALBERT's shared layer): layers are counted by call, not by module.
+        calls_per_forward: How many block calls one forward makes (``len(blocks)`` unless the
+            model's config reports more layers than the stack has modules).
+        batch_dim: The dimension of the hidden states that indexes examples (1 for
+            ``nn.TransformerEncoderLayer`` with ``batch_first=False``).
+    """
+
+    path: str
+    names: tuple[str, ...]
+    blocks: tuple[nn.Module, ...]
+    calls_per_forward: int
+    batch_dim: int = 0
+
+    def __len__(self) -> int:
+        return len(self.blocks)
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """Strip DDP/DataParallel/FSDP, ``torch.compile`` and PEFT wrappers, outermost first."""
+    while True:
+        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)) or (
+            type(model).__name__ == "FullyShardedDataParallel" and hasattr(model, "module")
+        ):
+            model = model.module
+        elif hasattr(model, "_orig_mod") and isinstance(model._orig_mod, nn.Module):
+            model = model._orig_mod  # torch.compile's OptimizedModule
+        elif type(model).__module__.startswith("peft") and hasattr(model, "get_base_model"):
+            model = model.get_base_model()
+        else:
+            return model
+
+
+def _members(container: nn.Module) -> list[tuple[str, nn.Module]]:
+    return list(container.named_children())
+
+
+def _has_attention(block: nn.Module) -> bool:
+    for name, module in block.named_modules():
+        if isinstance(module, nn.MultiheadAttention) or _ATTENTION.search(type(module).__name__):
+            return True
+        if name and _ATTENTION.search(name.rsplit(".", 1)[-1]):
+            return True
+    return False
+
+
+def _batch_dim(block: nn.Module) -> int:
+    for module in block.modules():
+        if isinstance(module, nn.MultiheadAttention):
+            return 0 if module.batch_first else 1
+    return 0
+
+
+def _layer_count_hint(model: nn.Module) -> Optional[int]:
+    config = getattr(model, "config", None)
+    count = getattr(config, "num_hidden_layers", None)
+    return count if isinstance(count, int) and count > 0 else None
+
+
+def _make_stack(model: nn.Module, path: str, members: list[tuple[str, nn.Module]]) -> BlockStack:
+    prefix = f"{path}." if path else ""
+    blocks = tuple(m for _, m in members)
+    calls = len(blocks)
+    hint = _layer_count_hint(model)
+    if hint is not None and hint > calls and hint % calls == 0:
+        calls = hint  # a shared block run several times per forward (ALBERT)
+    return BlockStack(
+        path=path,
+        names=tuple(prefix + n for n, _ in members),
+        blocks=blocks,
+        calls_per_forward=calls,
+        batch_dim=_batch_dim(blocks[0]),
+    )
+
+
+def _describe(path: str, container: nn.Module) -> str:
+    kinds = sorted({type(m).__name__ for m in container.children()})
+    return (
+        f"{path or '<root>'} ({type(container).__name__} of {len(container)}: {', '.join(kinds)})"
+    )
+
+
+def find_block_stacks(model: nn.Module, *, prefer: Optional[str] = "encoder") -> list[BlockStack]:
+    """All candidate stacks, the preferred ones first.
+
+    When ``prefer`` names a part of some candidates' paths (``"encoder"`` by default, so an
+    encoder-decoder model's encoder wins; ``"decoder"`` picks the other side), only those are
+    returned. More than one result means only a forward pass can tell which stack runs.
+
+    Raises:
+        BlockDiscoveryError: if no container holds same-class blocks with attention.
+    """
+    model = unwrap_model(model)
+    seen: list[str] = []
+    found: list[tuple[str, list[tuple[str, nn.Module]]]] = []
+    for path, module in model.named_modules():
+        if not isinstance(module, _CONTAINERS) or len(module) == 0:
+            continue
+        seen.append(_describe(path, module))
+        members = _members(module)
+        if len({type(m) for _, m in members}) != 1 or not _has_attention(members[0][1]):
+            continue
+        if any(path.startswith(f"{outer}.") for outer, _ in found):
+            continue  # nested in an outer stack's member
+        found.append((path, members))
+    if not found:
+        raise BlockDiscoveryError(
+            f"no transformer blocks found in {type(model).__name__}: looked for a ModuleList, "
+            "Sequential or ModuleDict of same-class modules containing attention among "
+            f"{len(seen)} containers: {'; '.join(seen) or 'none'}. Pass blocks='dotted.path' "
+            "(or a list of modules) to say which modules are the blocks."
+        )
+    stacks = [_make_stack(model, path, members) for path, members in found]
+    if prefer:
+        preferred = [s for s in stacks if any(prefer in part for part in s.path.split("."))]
+        if preferred:
+            return preferred
+    return stacks
+
+
+def find_transformer_blocks(
+    model: nn.Module, *, prefer: Optional[str] = "encoder", blocks: BlocksSpec = None
+) -> BlockStack:
+    """The stack of transformer blocks of ``model``, in the order they run.
+
+    Args:
+        model: Any ``nn.Module``; DDP, FSDP, ``torch.compile`` and PEFT wrappers are seen
+            through.
+        prefer: Part of a dotted path that wins when several stacks exist (the encoder of an
+            encoder-decoder model by default).
+        blocks: Override: a dotted path to the container (or to one block), or a list of
+            modules or paths.
+
+    Returns:
+        The :class:`BlockStack`.
+
+    Raises:
+        BlockDiscoveryError: if nothing is found, or several stacks remain (the message lists
+            them and names ``blocks=``).
+
+    Example:
+        >>> layer = nn.TransformerEncoderLayer(8, 2, batch_first=True)
+        >>> stack = find_transformer_blocks(nn.TransformerEncoder(layer, 3, enable_nested_tensor=False))
+        >>> stack.path, len(stack)
+        ('layers', 3)
+    """
+    if blocks is not None:
+        return resolve_blocks(model, blocks)
+    stacks = find_block_stacks(model, prefer=prefer)
+    if len(stacks) > 1:
+        raise ambiguity_error(stacks)
+    return stacks[0]
+
+
+def ambiguity_error(stacks: Sequence[BlockStack]) -> BlockDiscoveryError:
+    listed = ", ".join(f"'{s.path}' ({len(s)} blocks)" for s in stacks)
+    return BlockDiscoveryError(
+        f"several stacks could be the transformer blocks: {listed}. Pass blocks='<path>' "
+        "to choose one (or prefer='<part of the path>')."
+    )
+
+
+def _submodule(model: nn.Module, path: str) -> nn.Module:
+    try:
+        return model.get_submodule(path)
+    except AttributeError as exc:
+        raise BlockDiscoveryError(
+            f"blocks={path!r} is not a submodule of {type(model).__name__}: {exc}"
+        ) from None
+
+
+def resolve_blocks(model: nn.Module, blocks: BlocksSpec) -> BlockStack:
+    """Turn a ``blocks=`` argument into a :class:`BlockStack` of ``model``'s own modules."""
+    model = unwrap_model(model)
+    names = {id(m): n for n, m in model.named_modules()}
+    if isinstance(blocks, str):
+        target = _submodule(model, blocks)
+        if isinstance(target, _CONTAINERS):
+            if len(target) == 0:
+                raise BlockDiscoveryError(f"blocks={blocks!r} is an empty container")
+            return _make_stack(model, blocks, _members(target))
+        return _make_stack(model, "", [(blocks, target)])
+    if isinstance(blocks, nn.Module):
+        raise BlockDiscoveryError(
+            "blocks= got a single module: pass its dotted path, or a list of the block modules"
+        )
+    members: list[tuple[str, nn.Module]] = []
+    for item in blocks or ():
+        if isinstance(item, str):
+            members.append((item, _submodule(model, item)))
+        elif isinstance(item, nn.Module) and id(item) in names:
+            members.append((names[id(item)], item))
+        else:
+            raise BlockDiscoveryError(
+                f"blocks= entry {item!r} is not a submodule of {type(model).__name__}: pass "
+                "modules of the model itself (or dotted paths)"
+            )
+    if not members:
+        raise BlockDiscoveryError("blocks= is empty: pass a dotted path or a list of modules")
+    return BlockStack(
+        path="",
+        names=tuple(n for n, _ in members),
+        blocks=tuple(m for _, m in members),
+        calls_per_forward=len(members),
+        batch_dim=_batch_dim(members[0][1]),
+    )

@@ -1,0 +1,290 @@
+"""Forward hooks on a stack of blocks: installed once, idle until armed for one pass.
+
+Layers are counted by block *call*: layer 0 is the hidden state entering the first call (the
+embedding output), layer r the output of the r-th call. An armed pass either records the clean
+outputs of calls 1..r (the clean pass of ``pair``) or perturbs layer r (a noisy pass), and in
+the latter case may reuse recorded outputs instead of recomputing calls 1..r.
+
+The hooks keep their state here, never on the user's modules; :meth:`StackHooks.remove`
+removes every handle.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import weakref
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+import torch
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+from .errors import RaptRegError
+
+Perturb = Callable[[torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class Pass:
+    """One armed forward pass: what to do, and what the hooks saw.
+
+    Attributes:
+        layer: The layer r to perturb (or to record up to).
+        perturb: ``h -> delta`` for a noisy pass; None for a recording (clean) pass.
+        saved: Outputs of calls ``1..layer``: filled by a recording pass, reused by a noisy one.
+        calls: Block calls seen so far.
+        stack: Index of the stack whose blocks ran (the first one that fired).
+        conflict: Index of a second stack that also ran, if any.
+        applied: Whether the perturbation was added.
+        reused: How many block calls were short-circuited with a recorded output.
+        noise_ratio: ``||delta|| / ||h||`` at layer r, detached.
+        output: What the pass's forward returned (set by the caller).
+    """
+
+    layer: int
+    perturb: Optional[Perturb] = None
+    saved: Optional[dict[int, Any]] = None
+    calls: int = 0
+    stack: Optional[int] = None
+    conflict: Optional[int] = None
+    applied: bool = False
+    reused: int = 0
+    noise_ratio: Optional[torch.Tensor] = None
+    output: Any = None
+    grad_enabled: bool = field(default_factory=torch.is_grad_enabled)
+    _reusing_call: bool = False
+
+
+def input_hidden(args: tuple, kwargs: dict) -> Optional[torch.Tensor]:
+    """The hidden states a block was called with: first positional tensor, else a kwarg."""
+    if args and isinstance(args[0], torch.Tensor):
+        return args[0]
+    value = kwargs.get("hidden_states")
+    if isinstance(value, torch.Tensor):
+        return value
+    return next((v for v in kwargs.values() if isinstance(v, torch.Tensor)), None)
+
+
+def _replace_input(args: tuple, kwargs: dict, new: torch.Tensor) -> tuple[tuple, dict]:
+    if args and isinstance(args[0], torch.Tensor):
+        return (new, *args[1:]), kwargs
+    key = "hidden_states" if isinstance(kwargs.get("hidden_states"), torch.Tensor) else None
+    key = key or next(k for k, v in kwargs.items() if isinstance(v, torch.Tensor))
+    return args, {**kwargs, key: new}
+
+
+def output_hidden(output: Any) -> torch.Tensor:
+    """The hidden states in a block's output: a tensor, a tuple's first item, a mapping's first."""
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
+        return output[0]
+    if isinstance(output, Mapping):
+        first = next(iter(output.values()), None)
+        if isinstance(first, torch.Tensor):
+            return first
+    raise RaptRegError(
+        f"a block returned {type(output).__name__}, in which no hidden-state tensor was found "
+        "(expected a tensor, a tuple/list starting with one, or a mapping whose first value is "
+        "one). Pass blocks= naming modules that return their hidden states."
+    )
+
+
+def replace_output_hidden(output: Any, new: torch.Tensor) -> Any:
+    """``output`` with its hidden states (see :func:`output_hidden`) replaced by ``new``."""
+    if isinstance(output, torch.Tensor):
+        return new
+    if isinstance(output, tuple):
+        return type(output)(new, *output[1:]) if hasattr(output, "_fields") else (new, *output[1:])
+    if isinstance(output, list):
+        return [new, *output[1:]]
+    key = next(iter(output))
+    replaced = {**output, key: new}
+    try:
+        return type(output)(**replaced)
+    except TypeError:
+        return replaced
+
+
+def _batch_size(args: tuple, kwargs: dict) -> Optional[int]:
+    hidden = input_hidden(args, kwargs)
+    return hidden.shape[0] if hidden is not None and hidden.ndim > 0 else None
+
+
+def _one_example(value: Any, batch: int) -> Any:
+    """``value`` with every tensor whose first dim is ``batch`` cut to its first example.
+
+    One example, not zero: ``view(*shape, -1, head_dim)`` on an empty tensor is ambiguous, and
+    attention code is full of it.
+    """
+    if isinstance(value, torch.Tensor):
+        return value[:1] if value.ndim > 0 and value.shape[0] == batch else value
+    if isinstance(value, tuple) and not hasattr(value, "_fields"):
+        return tuple(_one_example(v, batch) for v in value)
+    if isinstance(value, list):
+        return [_one_example(v, batch) for v in value]
+    if isinstance(value, dict):
+        return {k: _one_example(v, batch) for k, v in value.items()}
+    return value
+
+
+def _same_tensor_data(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return (
+        a.device == b.device
+        and a.shape == b.shape
+        and a.stride() == b.stride()
+        and a.data_ptr() == b.data_ptr()
+    )
+
+
+class StackHooks:
+    """Pre- and post-forward hooks on every block of one or more candidate stacks.
+
+    Idle (no pass armed) the hooks only read one attribute, so a clean forward is unchanged.
+    """
+
+    def __init__(self, stacks: Sequence[Sequence[nn.Module]], batch_dims: Sequence[int]):
+        self._batch_dims = list(batch_dims)
+        self._stack_of: dict[int, int] = {}
+        self._handles: Optional[dict[int, list[RemovableHandle]]] = {}
+        self._pass: Optional[Pass] = None
+        # Noise added to a block's *input* (layer 0) runs inside the block's call; if the user
+        # wraps that call in torch.utils.checkpoint, the recomputation in backward must add
+        # the same noise again. Kept: the perturbed input (weakly) and the noise.
+        self._replay: Optional[tuple[weakref.ref, torch.Tensor]] = None
+        for index, blocks in enumerate(stacks):
+            handles = self._handles.setdefault(index, [])
+            for block in blocks:
+                if id(block) in self._stack_of:
+                    continue
+                self._stack_of[id(block)] = index
+                handles.append(block.register_forward_pre_hook(self._pre, with_kwargs=True))
+                handles.append(block.register_forward_hook(self._post))
+
+    @property
+    def installed(self) -> bool:
+        return self._handles is not None
+
+    @contextlib.contextmanager
+    def armed(self, p: Pass) -> Iterator[Pass]:
+        """Arm the hooks for one pass; they are idle again when the block exits, however."""
+        if self._handles is None:
+            raise RaptRegError("this regularizer was removed: build a new one")
+        if self._pass is not None:
+            raise RaptRegError(
+                "a regularizer call was made inside another one's forward pass of the same "
+                "regularizer: call it once per step, outside the model's forward"
+            )
+        if p.perturb is not None:
+            self._replay = None
+        self._pass = p
+        try:
+            yield p
+        finally:
+            self._pass = None
+
+    def keep_only(self, index: int) -> None:
+        """Keep only stack ``index`` (once a forward showed which runs), renumbered as 0."""
+        assert self._handles is not None
+        for other, handles in self._handles.items():
+            if other != index:
+                for handle in handles:
+                    handle.remove()
+        self._handles = {0: self._handles[index]}
+        self._batch_dims = [self._batch_dims[index]]
+        self._stack_of = {k: 0 for k, v in self._stack_of.items() if v == index}
+
+    def remove(self) -> None:
+        """Remove every hook and forget every tensor; safe to call twice."""
+        for handles in (self._handles or {}).values():
+            for handle in handles:
+                handle.remove()
+        self._handles = None
+        self._replay = None
+        self._pass = None
+
+    # -- the hooks ---------------------------------------------------------------------------
+
+    def _pre(self, module: nn.Module, args: tuple, kwargs: dict) -> Optional[tuple[tuple, dict]]:
+        p = self._pass
+        if p is None:
+            return self._replayed(args, kwargs)
+        index = self._stack_of[id(module)]
+        if p.stack is None:
+            p.stack = index
+        elif index != p.stack:
+            p.conflict = index
+            return None
+        p.calls += 1
+        p._reusing_call = False
+        if p.perturb is None or p.applied:
+            return None
+        if p.layer == 0 and p.calls == 1:
+            hidden = input_hidden(args, kwargs)
+            if hidden is None:
+                raise RaptRegError(
+                    f"the first block ({type(module).__name__}) was called without a tensor "
+                    "argument, so there are no hidden states to perturb at layer 0"
+                )
+            delta = self._apply(p, hidden)
+            if not torch.compiler.is_compiling():
+                self._replay = (weakref.ref(hidden), delta)
+            return _replace_input(args, kwargs, hidden + delta)
+        if p.saved is not None and p.calls in p.saved and self._can_reuse(p):
+            batch = _batch_size(args, kwargs)
+            if batch is not None:
+                # The recorded clean output replaces this call's output (see _post), so the
+                # block runs on one example only: its cost nearly disappears, its calls stay.
+                p._reusing_call = True
+                p.reused += 1
+                return _one_example(args, batch), _one_example(kwargs, batch)
+        return None
+
+    def _post(self, module: nn.Module, args: tuple, output: Any) -> Any:
+        p = self._pass
+        if p is None or p.stack != self._stack_of[id(module)] or p.conflict is not None:
+            return None
+        k = p.calls
+        if p.perturb is None:
+            if p.saved is not None and 1 <= k <= p.layer:
+                p.saved[k] = output
+            return None
+        replaced = False
+        if p._reusing_call:
+            assert p.saved is not None
+            output, replaced, p._reusing_call = p.saved[k], True, False
+        if k == p.layer and not p.applied:
+            hidden = output_hidden(output)
+            return replace_output_hidden(output, hidden + self._apply(p, hidden))
+        return output if replaced else None
+
+    def _apply(self, p: Pass, hidden: torch.Tensor) -> torch.Tensor:
+        assert p.perturb is not None
+        delta = p.perturb(hidden)
+        p.applied = True
+        with torch.no_grad():
+            p.noise_ratio = delta.detach().float().norm() / hidden.detach().float().norm()
+        return delta
+
+    def _can_reuse(self, p: Pass) -> bool:
+        # Not under a reentrant checkpoint (grad off inside it) nor while dynamo traces (the
+        # compiled graph recomputes the prefix anyway), nor for sequence-first layouts.
+        assert p.stack is not None
+        return (
+            self._batch_dims[p.stack] == 0
+            and torch.is_grad_enabled() == p.grad_enabled
+            and not torch.compiler.is_compiling()
+        )
+
+    def _replayed(self, args: tuple, kwargs: dict) -> Optional[tuple[tuple, dict]]:
+        if torch.compiler.is_compiling() or self._replay is None:
+            return None
+        if torch._C._current_graph_task_id() == -1:  # not inside backward: a real forward
+            return None
+        ref, delta = self._replay
+        original, hidden = ref(), input_hidden(args, kwargs)
+        if original is None or hidden is None or not _same_tensor_data(hidden, original):
+            return None
+        return _replace_input(args, kwargs, hidden + delta)

@@ -1,0 +1,403 @@
+"""RandomPerturbationRegularizer: RAPT (Algorithm 1, Eq. 2) as one extra loss term."""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Any, Callable, Optional, Union
+
+import torch
+from torch import nn
+
+from . import divergence as div
+from .discovery import (
+    BlocksSpec,
+    BlockStack,
+    ambiguity_error,
+    find_block_stacks,
+    resolve_blocks,
+)
+from .errors import RaptRegError
+from .hooks import Pass, StackHooks
+from .noise import NORMS, sample_noise
+
+Output = Any
+"""A model output: a logits tensor ``[..., C]`` or an object with a ``.logits`` tensor."""
+
+NONFINITE_POLICIES = ("raise", "skip")
+
+
+def logits_of(output: Output) -> torch.Tensor:
+    """The logits tensor of a model output (a tensor, or anything with ``.logits``)."""
+    if isinstance(output, torch.Tensor):
+        return output
+    logits = getattr(output, "logits", None)
+    if logits is None and isinstance(output, dict):
+        logits = output.get("logits")
+    if isinstance(logits, torch.Tensor):
+        return logits
+    raise RaptRegError(
+        f"cannot find logits in a {type(output).__name__}: the forward must return a tensor "
+        "[..., C] or an object with a .logits tensor (wrap it: lambda: model(x)[0])"
+    )
+
+
+def _check_number(name: str, value: float) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise RaptRegError(f"{name} must be a number, got {value!r}")
+    if not math.isfinite(value) or value < 0:
+        raise RaptRegError(f"{name} must be finite and >= 0, got {value!r}")
+
+
+class RandomPerturbationRegularizer:
+    """RAPT: perturb one randomly chosen layer with scaled Gaussian noise and penalise the change.
+
+    Each call draws one layer ``r`` uniformly from ``{min_layer, ..., max_layer}`` (layer 0 is
+    the embedding output entering the first block, layer ``r >= 1`` the output of the r-th
+    block call), adds ``delta = eta * d / ||d||_inf`` with ``d ~ N(0, sigma^2 I)`` per example
+    to the hidden states there during one noisy pass, and returns
+    ``alpha * divergence(f(x + delta_r), f(x))`` (Eq. 2 of the paper).
+
+    The blocks are found by :func:`rapt_reg.find_transformer_blocks`; hooks are installed once
+    and stay idle outside a call. Nothing is added to the model; :meth:`remove` (or leaving a
+    ``with`` block) takes the hooks away.
+
+    Args:
+        model: The model (DDP, FSDP, ``torch.compile`` and PEFT wrappers are seen through).
+            Build the regularizer *before* ``torch.compile`` runs the model.
+        eta: Noise size: every example's noise has this inf-norm (the paper's eta).
+        max_layer: Highest layer that can be perturbed (the paper's max_layer; 3 in the paper).
+        min_layer: Lowest layer (1 in the paper; 0 adds the embedding output).
+            ``min_layer=max_layer=0`` is the paper's "RAPT (Embedding)".
+        alpha: Weight of the penalty (the paper's alpha).
+        sigma: Standard deviation of the raw Gaussian; it cancels when ``norm`` is set.
+        norm: ``"inf"`` (the paper), ``"l2"``, or ``None`` for raw ``N(0, sigma^2)`` noise.
+        divergence: ``"sym_kl"`` (MT-DNN's symmetric KL, default), ``"kl"``, ``"js"``,
+            ``"mse"``, or a callable ``(noisy_logits, clean_logits) -> per-position values``.
+        blocks: Override discovery: a dotted path or a list of modules/paths.
+        generator: A CPU ``torch.Generator``: the layer and the noise come from it alone and the
+            global RNG is untouched. None uses the global RNG.
+        per_token: Scale each position's noise to ``eta`` instead of each example's.
+        prefer: Part of a dotted path that wins when the model has several stacks of blocks.
+        nonfinite: ``"raise"`` (default) raises when the penalty is NaN/inf; ``"skip"`` returns
+            a zero penalty for that step and counts it in :meth:`stats`.
+
+    Raises:
+        ValueError: (a :class:`RaptRegError`) for bad arguments or when no blocks are found.
+
+    Example:
+        >>> layer = nn.TransformerEncoderLayer(16, 2, dropout=0.0, batch_first=True)
+        >>> model = nn.Sequential(nn.TransformerEncoder(layer, 4, enable_nested_tensor=False),
+        ...                       nn.Linear(16, 3))
+        >>> x = torch.randn(2, 5, 16)
+        >>> with RandomPerturbationRegularizer(model, max_layer=3) as reg:
+        ...     logits, penalty = reg.pair(lambda: model(x))
+        ...     (logits.logsumexp(-1).mean() + penalty).backward()
+        >>> bool(penalty > 0)
+        True
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        eta: float = 2.0,
+        max_layer: int = 3,
+        min_layer: int = 1,
+        alpha: float = 1.0,
+        sigma: float = 1.0,
+        norm: Optional[str] = "inf",
+        divergence: Union[str, Callable[..., torch.Tensor]] = "sym_kl",
+        blocks: BlocksSpec = None,
+        generator: Optional[torch.Generator] = None,
+        per_token: bool = False,
+        prefer: Optional[str] = "encoder",
+        nonfinite: str = "raise",
+    ) -> None:
+        if isinstance(model, type) or not isinstance(model, nn.Module):
+            raise RaptRegError(
+                f"model must be an nn.Module instance, got {model!r}"
+                + (": instantiate it first" if isinstance(model, type) else "")
+            )
+        for name, value in (("eta", eta), ("alpha", alpha), ("sigma", sigma)):
+            _check_number(name, value)
+        for name, value in (("max_layer", max_layer), ("min_layer", min_layer)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise RaptRegError(f"{name} must be an int >= 0, got {value!r}")
+        if min_layer > max_layer:
+            raise RaptRegError(f"min_layer={min_layer} is greater than max_layer={max_layer}")
+        if norm not in NORMS:
+            raise RaptRegError(f"unknown norm {norm!r}: use one of {NORMS}")
+        if nonfinite not in NONFINITE_POLICIES:
+            raise RaptRegError(f"unknown nonfinite={nonfinite!r}: use one of {NONFINITE_POLICIES}")
+        if generator is not None and generator.device.type != "cpu":
+            raise RaptRegError("generator must be a CPU torch.Generator (noise is seeded from it)")
+
+        self.model = model
+        self.eta, self.sigma, self.alpha = float(eta), float(sigma), float(alpha)
+        self.max_layer, self.min_layer = max_layer, min_layer
+        self.norm, self.per_token, self.nonfinite = norm, per_token, nonfinite
+        self.divergence = div.resolve(divergence)
+        self.generator = generator
+
+        if blocks is not None:
+            self.stacks = [resolve_blocks(model, blocks)]
+        else:
+            self.stacks = find_block_stacks(model, prefer=prefer)
+        depth = max(s.calls_per_forward for s in self.stacks)
+        if max_layer > depth:
+            raise RaptRegError(
+                f"max_layer={max_layer} but the model has {depth} blocks "
+                f"({', '.join(repr(s.path or s.names[0]) for s in self.stacks)}): use "
+                f"max_layer <= {depth}"
+            )
+        self._hooks = StackHooks(
+            [s.blocks for s in self.stacks], [s.batch_dim for s in self.stacks]
+        )
+        self._noise_generators: dict[torch.device, torch.Generator] = {}
+        self._seed = 0
+        self._reuse_prefix = True
+        self._warned_eval = False
+        self.last_layer: Optional[int] = None
+        self.last_prefix_reused: Optional[bool] = None
+        self._last_noise_ratio: Optional[torch.Tensor] = None
+        self.skipped_steps = 0
+
+    # -- public API ---------------------------------------------------------------------------
+
+    @property
+    def stack(self) -> BlockStack:
+        """The stack of blocks being perturbed (raises while a forward has yet to choose one)."""
+        if len(self.stacks) > 1:
+            raise ambiguity_error(self.stacks)
+        return self.stacks[0]
+
+    def __call__(
+        self,
+        noisy_forward: Callable[[], Output],
+        clean_output: Output,
+        *,
+        mask: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        """Run ``noisy_forward`` once with noise at a random layer; return the penalty.
+
+        Args:
+            noisy_forward: Zero-argument callable that runs the model on the same batch that
+                produced ``clean_output`` (e.g. ``lambda: model(**batch)``).
+            clean_output: The output of the clean forward (a tensor or has ``.logits``).
+            mask: Optional ``[...]`` mask over the leading dims of the logits (e.g. the
+                attention mask of token-level outputs); masked positions do not count.
+
+        Returns:
+            ``alpha * divergence(noisy, clean)``, a scalar to add to the task loss. Zero (and
+            ``noisy_forward`` not run) when the model is in eval mode.
+
+        Raises:
+            RaptRegError: if the noise did not reach the model, the outputs do not match, or
+                the penalty is not finite (with ``nonfinite="raise"``).
+        """
+        if not callable(noisy_forward):
+            raise RaptRegError(
+                f"noisy_forward must be a zero-argument callable, got {type(noisy_forward).__name__}:"
+                " pass lambda: model(**batch)"
+            )
+        clean_logits = logits_of(clean_output)
+        if not self._training():
+            return self._eval_penalty(clean_logits)
+        p = self._noisy_pass(noisy_forward, saved=None)
+        return self._penalty(p, clean_logits, mask)
+
+    def pair(
+        self, forward: Callable[[], Output], *, mask: Optional[torch.Tensor] = None
+    ) -> tuple[Output, torch.Tensor]:
+        """Run the clean pass and a noisy pass that reuses the clean pass up to layer r.
+
+        Blocks ``1..r`` of the noisy pass run on one example only and their recorded clean
+        outputs are used, so the noisy pass costs about the blocks after r. With dropout off this gives the same penalty and
+        gradients as ``reg(forward, forward())`` for the same r and noise; with dropout on, the
+        reused prefix shares the clean pass's dropout masks. For r = 0 nothing is reused.
+
+        Args:
+            forward: Zero-argument callable running the model on the batch.
+            mask: As in :meth:`__call__`.
+
+        Returns:
+            ``(clean_output, penalty)``.
+        """
+        if not callable(forward):
+            raise RaptRegError(
+                "forward must be a zero-argument callable: pass lambda: model(**batch)"
+            )
+        if not self._training():
+            clean_output = forward()
+            return clean_output, self._eval_penalty(logits_of(clean_output))
+        layer = self._draw_layer()
+        saved: Optional[dict[int, Any]] = {} if self._reuse_prefix and layer > 0 else None
+        with self._hooks.armed(Pass(layer=layer, saved=saved)) as clean:
+            clean_output = forward()
+        self._settle_stack(clean)
+        try:
+            p = self._noisy_pass(forward, saved=saved, layer=layer)
+        except RaptRegError:
+            raise
+        except Exception as exc:
+            if not saved:
+                raise
+            # Reusing the prefix runs blocks 1..r on one example; a block that cannot take
+            # the cut inputs lands here. Recompute the whole noisy pass instead, from now on.
+            p = self._noisy_pass(forward, saved=None, layer=layer)
+            self._reuse_prefix = False
+            warnings.warn(
+                f"pair() could not reuse the clean prefix for this model ({exc!r}); it now "
+                "recomputes the whole noisy pass, as reg(noisy_forward, clean_output) does.",
+                stacklevel=2,
+            )
+        return clean_output, self._penalty(p, logits_of(clean_output), mask)
+
+    def stats(self) -> dict[str, float]:
+        """Telemetry for logging: last layer, noise-to-hidden norm ratio, skipped steps."""
+        ratio = self._last_noise_ratio
+        return {
+            "rapt/layer": float("nan") if self.last_layer is None else float(self.last_layer),
+            "rapt/noise_to_hidden_ratio": float("nan") if ratio is None else float(ratio),
+            "rapt/skipped_steps": float(self.skipped_steps),
+        }
+
+    @property
+    def last_noise_to_hidden_ratio(self) -> Optional[float]:
+        """``||delta|| / ||h||`` at the last perturbed layer (whole batch, Frobenius norms)."""
+        return None if self._last_noise_ratio is None else float(self._last_noise_ratio)
+
+    def remove(self) -> None:
+        """Remove every hook; the model is exactly as before. Safe to call twice."""
+        self._hooks.remove()
+        self._last_noise_ratio = None
+
+    def __enter__(self) -> RandomPerturbationRegularizer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.remove()
+
+    def __repr__(self) -> str:
+        where = ", ".join(repr(s.path or s.names[0]) for s in self.stacks)
+        return (
+            f"{type(self).__name__}(blocks={where}, eta={self.eta}, layers={self.min_layer}.."
+            f"{self.max_layer}, alpha={self.alpha}, norm={self.norm!r})"
+        )
+
+    # -- internals ------------------------------------------------------------------------------
+
+    def _training(self) -> bool:
+        return any(b.training for s in self.stacks for b in s.blocks)
+
+    def _eval_penalty(self, clean_logits: torch.Tensor) -> torch.Tensor:
+        if not self._warned_eval:
+            warnings.warn(
+                "the model is in eval mode: RAPT adds noise only in training mode, so the "
+                "penalty is 0 (call model.train() to regularize). This is said once.",
+                stacklevel=3,
+            )
+            self._warned_eval = True
+        return clean_logits.new_zeros(
+            (), dtype=torch.promote_types(clean_logits.dtype, torch.float32)
+        )
+
+    def _draw_layer(self) -> int:
+        """Layer r for this step and the seed of its noise, from the generator or global RNG."""
+        layer = int(torch.randint(self.min_layer, self.max_layer + 1, (), generator=self.generator))
+        self._seed = int(torch.randint(0, 2**62, (), generator=self.generator))
+        return layer
+
+    @torch.compiler.disable
+    def _sample(self, hidden: torch.Tensor) -> torch.Tensor:
+        # Seeded per step (from _draw_layer) so that nothing inside the forward consumes the
+        # global RNG: dropout masks are the same as without RAPT's noise, and recomputation
+        # under checkpointing stays exact.
+        gen = self._noise_generators.get(hidden.device)
+        if gen is None:
+            gen = self._noise_generators[hidden.device] = torch.Generator(device=hidden.device)
+        gen.manual_seed(self._seed)
+        return sample_noise(
+            hidden.shape,
+            eta=self.eta,
+            sigma=self.sigma,
+            norm=self.norm,
+            batch_dim=self.stacks[0].batch_dim if len(self.stacks) == 1 else 0,
+            per_token=self.per_token,
+            dtype=hidden.dtype,
+            device=hidden.device,
+            generator=gen,
+        )
+
+    def _noisy_pass(
+        self,
+        forward: Callable[[], Output],
+        *,
+        saved: Optional[dict[int, Any]],
+        layer: Optional[int] = None,
+    ) -> Pass:
+        if layer is None:
+            layer = self._draw_layer()
+        with self._hooks.armed(Pass(layer=layer, perturb=self._sample, saved=saved)) as p:
+            p.output = forward()
+        self._settle_stack(p)
+        self._verify(p)
+        self.last_layer = layer
+        self.last_prefix_reused = p.reused == layer if layer > 0 else None
+        self._last_noise_ratio = p.noise_ratio
+        return p
+
+    def _settle_stack(self, p: Pass) -> None:
+        """After a forward: refuse an ambiguous model, or keep only the stack that ran."""
+        if p.conflict is not None:
+            assert p.stack is not None
+            raise ambiguity_error([self.stacks[p.stack], self.stacks[p.conflict]])
+        if p.stack is not None and len(self.stacks) > 1:
+            self._hooks.keep_only(p.stack)
+            self.stacks = [self.stacks[p.stack]]
+
+    def _verify(self, p: Pass) -> None:
+        if p.applied:
+            return
+        where = ", ".join(repr(s.path or ",".join(s.names)) for s in self.stacks)
+        if p.calls == 0:
+            raise RaptRegError(
+                f"the noise did not reach the model: no block of {where} ran during the noisy "
+                "pass. Likely causes: (1) the model was compiled with torch.compile and run "
+                "before this regularizer was built, so its graph ignores the hooks - build the "
+                "regularizer first, or call torch._dynamo.reset(); (2) the forward uses other "
+                "modules than these - pass blocks='<dotted path>'; (3) noisy_forward did not "
+                "run the model."
+            )
+        raise RaptRegError(
+            f"the noise did not reach the model: layer {p.layer} was chosen but the noisy pass "
+            f"made only {p.calls} block calls of {where}. Use max_layer <= {p.calls}, or pass "
+            "blocks= naming the stack this forward runs."
+        )
+
+    def _penalty(
+        self, p: Pass, clean_logits: torch.Tensor, mask: Optional[torch.Tensor]
+    ) -> torch.Tensor:
+        noisy_logits = logits_of(p.output)
+        if torch.is_grad_enabled() and not (
+            noisy_logits.requires_grad or clean_logits.requires_grad
+        ):
+            raise RaptRegError(
+                "neither output requires grad, so the penalty cannot train anything: are the "
+                "parameters frozen, or was the clean pass run under torch.no_grad()? "
+                "(To only log the penalty, call the regularizer under torch.no_grad().)"
+            )
+        penalty = self.alpha * div.reduce_divergence(
+            self.divergence, noisy_logits, clean_logits, mask
+        )
+        if bool(torch.isfinite(penalty)):
+            return penalty
+        if self.nonfinite == "skip":
+            self.skipped_steps += 1
+            return penalty.new_zeros(())
+        raise RaptRegError(
+            f"the RAPT penalty is {penalty.item()} at layer {p.layer}: the noisy or the clean "
+            "output holds NaN/inf (check the clean loss and the learning rate, lower eta, or "
+            "pass nonfinite='skip' to skip such steps)."
+        )
