@@ -176,7 +176,8 @@ def find_transformer_blocks(
 
     Example:
         >>> layer = nn.TransformerEncoderLayer(8, 2, batch_first=True)
-        >>> stack = find_transformer_blocks(nn.TransformerEncoder(layer, 3, enable_nested_tensor=False))
+        >>> encoder = nn.TransformerEncoder(layer, 3, enable_nested_tensor=False)
+        >>> stack = find_transformer_blocks(encoder)
         >>> stack.path, len(stack)
         ('layers', 3)
     """

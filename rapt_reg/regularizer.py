@@ -198,8 +198,8 @@ class RandomPerturbationRegularizer:
         """
         if not callable(noisy_forward):
             raise RaptRegError(
-                f"noisy_forward must be a zero-argument callable, got {type(noisy_forward).__name__}:"
-                " pass lambda: model(**batch)"
+                "noisy_forward must be a zero-argument callable, got "
+                f"{type(noisy_forward).__name__}: pass lambda: model(**batch)"
             )
         clean_logits = logits_of(clean_output)
         if not self._training():
@@ -213,9 +213,11 @@ class RandomPerturbationRegularizer:
         """Run the clean pass and a noisy pass that reuses the clean pass up to layer r.
 
         Blocks ``1..r`` of the noisy pass run on one example only and their recorded clean
-        outputs are used, so the noisy pass costs about the blocks after r. With dropout off this gives the same penalty and
-        gradients as ``reg(forward, forward())`` for the same r and noise; with dropout on, the
-        reused prefix shares the clean pass's dropout masks. For r = 0 nothing is reused.
+        outputs are used, so the noisy pass costs about the blocks after r. With dropout off
+        this gives the same penalty and gradients as ``reg(forward, forward())`` for the same r
+        and noise; with dropout on, the reused prefix shares the clean pass's dropout masks. For
+        r = 0 nothing is reused. Where a block cannot run on the cut inputs, ``pair`` warns once
+        and recomputes whole noisy passes from then on.
 
         Args:
             forward: Zero-argument callable running the model on the batch.
