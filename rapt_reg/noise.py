@@ -22,7 +22,7 @@ def _reduce_dims(ndim: int, batch_dim: int, per_token: bool) -> tuple[int, ...]:
     """Dimensions a norm reduces over: all but the batch dim (and the positions, per token)."""
     if per_token:
         return (ndim - 1,)
-    return tuple(d for d in range(ndim) if d != batch_dim % ndim) if ndim > 1 else (0,)
+    return tuple(d for d in range(ndim) if d != batch_dim % ndim)
 
 
 def scale_noise(
@@ -50,15 +50,17 @@ def scale_noise(
         >>> d.flatten(1).abs().amax(1)
         tensor([2., 2.])
     """
+    if norm not in NORMS:
+        raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
     if norm is None:
         return delta
     dims = _reduce_dims(delta.ndim, batch_dim, per_token)
-    if norm == "inf":
+    if not dims:  # one number per example: it is its own norm (reducing over () means all)
+        size = delta.abs()
+    elif norm == "inf":
         size = delta.abs().amax(dim=dims, keepdim=True)
-    elif norm == "l2":
-        size = delta.square().sum(dim=dims, keepdim=True).sqrt()
     else:
-        raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
+        size = delta.square().sum(dim=dims, keepdim=True).sqrt()
     return delta * (eta / size.clamp_min(_TINY))
 
 

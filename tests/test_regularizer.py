@@ -1,0 +1,418 @@
+"""RandomPerturbationRegularizer against a hand-written Algorithm 1, and its contract."""
+
+import copy
+import math
+import warnings
+from collections import Counter
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from models import TinyTransformer
+
+from rapt_reg import RandomPerturbationRegularizer, RaptRegError
+
+DEPTH = 4
+
+
+def make_model(seed=0, **kwargs):
+    torch.manual_seed(seed)
+    return TinyTransformer(depth=DEPTH, **kwargs).train()
+
+
+def batch(seed=0, size=3, length=6):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 50, (size, length), generator=gen), torch.randint(
+        0, 3, (size,), generator=gen
+    )
+
+
+def reference_noise(generator_seed, shape, eta, min_layer, max_layer):
+    """The layer and noise of Algorithm 1 (lines 3, 5, 6), drawn as the regularizer documents:
+    a layer and a seed from the generator, then delta ~ N(0, I) scaled to eta * d / ||d||_inf.
+    """
+    gen = torch.Generator().manual_seed(generator_seed)
+    layer = int(torch.randint(min_layer, max_layer + 1, (), generator=gen))
+    seed = int(torch.randint(0, 2**62, (), generator=gen))
+    d = torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+    return layer, eta * d / d.abs().amax(dim=(1, 2), keepdim=True)
+
+
+def algorithm1_loss(model, ids, labels, layer, delta, alpha):
+    """Lines 7-15 of Algorithm 1 written out: forward with h <- h + delta at `layer`, Eq. 2."""
+
+    def forward(noise_at):
+        h = model.drop(model.embed(ids) + model.pos[:, : ids.shape[1]])
+        if noise_at == 0:
+            h = h + delta
+        for k, block in enumerate(model.layers, start=1):
+            h = block(h)
+            if k == noise_at:
+                h = h + delta
+        return model.head(model.norm(h).mean(1))
+
+    clean, noisy = forward(None), forward(layer)
+    sym_kl = F.kl_div(
+        F.log_softmax(noisy, -1), F.softmax(clean.detach(), -1), reduction="batchmean"
+    )
+    sym_kl = sym_kl + F.kl_div(
+        F.log_softmax(clean, -1), F.softmax(noisy.detach(), -1), reduction="batchmean"
+    )
+    return F.cross_entropy(clean, labels) + alpha * sym_kl, alpha * sym_kl
+
+
+def grads(model):
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("form", ["pair", "two-pass"])
+@pytest.mark.parametrize("layer", range(DEPTH + 1))
+def test_gradients_equal_hand_written_algorithm_1(layer, form):
+    ids, labels = batch()
+    model = make_model()
+    _, delta = reference_noise(5, (3, 6, 16), 2.0, layer, layer)
+    loss, ref_penalty = algorithm1_loss(model, ids, labels, layer, delta, alpha=0.7)
+    loss.backward()
+    expected = grads(model)
+
+    model.zero_grad(set_to_none=True)
+    gen = torch.Generator().manual_seed(5)
+    reg = RandomPerturbationRegularizer(
+        model, min_layer=layer, max_layer=layer, alpha=0.7, generator=gen
+    )
+    if form == "pair":
+        clean, penalty = reg.pair(lambda: model(ids))
+    else:
+        clean = model(ids)
+        penalty = reg(lambda: model(ids), clean)
+    (F.cross_entropy(clean, labels) + penalty).backward()
+    reg.remove()
+
+    assert reg.last_layer == layer
+    torch.testing.assert_close(penalty, ref_penalty, rtol=1e-5, atol=1e-9)
+    got = grads(model)
+    assert got.keys() == expected.keys()
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=1e-5, atol=1e-8, msg=name)
+
+
+def record_block_inputs(model):
+    """Hooks registered after the regularizer's: they see each block call's (perturbed) input."""
+    seen, handles = [], []
+    for block in model.layers:
+        handles.append(
+            block.register_forward_pre_hook(lambda m, args: seen.append(args[0].detach().clone()))
+        )
+    return seen, handles
+
+
+@settings(max_examples=15, deadline=None)
+@given(
+    bounds=st.tuples(st.integers(0, DEPTH - 1), st.integers(0, DEPTH - 1)).map(sorted),
+    seed=st.integers(0, 2**31),
+    eta=st.floats(0.01, 10),
+)
+def test_exactly_one_layer_within_bounds_is_perturbed_by_eta(bounds, seed, eta):
+    low, high = bounds
+    model = make_model()
+    ids, _ = batch(seed % 100)
+    reg = RandomPerturbationRegularizer(
+        model, min_layer=low, max_layer=high, eta=eta, generator=torch.Generator().manual_seed(seed)
+    )
+    seen, handles = record_block_inputs(model)
+    clean = model(ids)
+    clean_inputs = list(seen)
+    seen.clear()
+    reg(lambda: model(ids), clean)
+    r = reg.last_layer
+    assert low <= r <= high
+    # Inputs to calls 1..r are untouched; the input to call r+1 (= layer r) differs by the noise;
+    # every input after it differs (the noise propagates).
+    for k in range(r):
+        assert torch.equal(seen[k], clean_inputs[k])
+    diff = (seen[r] - clean_inputs[r]).abs().flatten(1).amax(1)
+    torch.testing.assert_close(diff, torch.full_like(diff, eta), rtol=1e-4, atol=1e-6)
+    for h in handles:
+        h.remove()
+    reg.remove()
+
+
+def test_layer_choice_is_about_uniform():
+    model = make_model(dim=8)
+    ids, _ = batch(size=1, length=2)
+    reg = RandomPerturbationRegularizer(
+        model, min_layer=0, max_layer=DEPTH, generator=torch.Generator().manual_seed(0)
+    )
+    clean = model(ids)
+    draws = 300
+    with torch.no_grad():
+        counts = Counter(
+            reg(lambda: model(ids), clean) is not None and reg.last_layer for _ in range(draws)
+        )
+    assert set(counts) == set(range(DEPTH + 1))
+    expected = draws / (DEPTH + 1)
+    chi2 = sum((counts[k] - expected) ** 2 / expected for k in counts)
+    assert chi2 < 18.5  # chi-square, 4 degrees of freedom, p = 0.001
+
+
+@pytest.mark.parametrize("layer", range(DEPTH + 1))
+def test_pair_equals_two_pass_on_token_outputs_with_mask(layer):
+    ids, _ = batch()
+    mask = torch.tensor([[1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1], [1, 1, 0, 0, 0, 0]])
+    results = []
+    for form in ("pair", "two-pass"):
+        model = make_model(token_level=True)
+        reg = RandomPerturbationRegularizer(
+            model, min_layer=layer, max_layer=layer, generator=torch.Generator().manual_seed(3)
+        )
+        if form == "pair":
+            clean, penalty = reg.pair(lambda: model(ids), mask=mask)  # noqa: B023
+        else:
+            clean = model(ids)
+            penalty = reg(lambda: model(ids), clean, mask=mask)  # noqa: B023
+        (clean.sum() * 0.01 + penalty).backward()
+        results.append((penalty.detach(), grads(model), reg.last_prefix_reused))
+    (p1, g1, reused), (p2, g2, _) = results
+    assert reused is (True if layer > 0 else None)
+    torch.testing.assert_close(p1, p2)
+    for name in g2:
+        torch.testing.assert_close(g1[name], g2[name], msg=name)
+
+
+def test_zero_eta_gives_zero_penalty_with_dropout_off():
+    model = make_model()
+    ids, _ = batch()
+    with RandomPerturbationRegularizer(model, eta=0.0) as reg:
+        _, penalty = reg.pair(lambda: model(ids))
+    assert penalty.item() == 0.0
+
+
+def test_generator_makes_runs_reproducible_and_leaves_global_rng_alone():
+    ids, labels = batch()
+    runs = []
+    for _ in range(2):
+        model = make_model(dropout=0.1)
+        reg = RandomPerturbationRegularizer(
+            model, min_layer=0, max_layer=DEPTH, generator=torch.Generator().manual_seed(9)
+        )
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        torch.manual_seed(123)
+        layers = []
+        for _ in range(4):
+            logits, penalty = reg.pair(lambda: model(ids))  # noqa: B023
+            state = torch.get_rng_state()
+            (F.cross_entropy(logits, labels) + penalty).backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            layers.append(reg.last_layer)
+        runs.append((layers, [p.detach().clone() for p in model.parameters()], state))
+    assert runs[0][0] == runs[1][0]
+    for a, b in zip(runs[0][1], runs[1][1]):
+        assert torch.equal(a, b)
+    # The global RNG moved only by dropout, identically in both runs.
+    assert torch.equal(runs[0][2], runs[1][2])
+
+
+def test_global_rng_is_not_consumed_inside_the_forward():
+    """Dropout masks of the noisy pass are those the same forward would draw without RAPT."""
+    model = make_model(dropout=0.5)
+    ids, _ = batch()
+    reg = RandomPerturbationRegularizer(
+        model, eta=0.0, min_layer=0, max_layer=DEPTH, generator=torch.Generator()
+    )
+    for _ in range(3):
+        torch.manual_seed(1)
+        plain = model(ids)
+        torch.manual_seed(1)
+        assert reg(lambda: model(ids), plain).item() == 0.0
+
+
+def test_eval_mode_gives_zero_and_warns_once():
+    model = make_model().eval()
+    ids, _ = batch()
+    reg = RandomPerturbationRegularizer(model)
+    calls = []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(3):
+            penalty = reg(lambda: calls.append(1), model(ids))
+            _, penalty_pair = reg.pair(lambda: model(ids))
+    assert penalty.item() == 0.0 and penalty_pair.item() == 0.0
+    assert calls == []  # the noisy forward is not run in eval mode
+    assert len([w for w in caught if "eval mode" in str(w.message)]) == 1
+
+
+def snapshot(model):
+    return (
+        {k: v.clone() for k, v in model.state_dict().items()},
+        {
+            name: (dict(m._forward_hooks), dict(m._forward_pre_hooks), set(vars(m)))
+            for name, m in model.named_modules()
+        },
+    )
+
+
+def assert_same_snapshot(model, before):
+    state, modules = snapshot(model)
+    assert state.keys() == before[0].keys()
+    for k in state:
+        assert torch.equal(state[k], before[0][k])
+    assert modules == before[1]
+
+
+def test_model_is_unaltered_and_hooks_go_with_remove():
+    model = make_model()
+    ids, _ = batch()
+    before = snapshot(model)
+    expected = model(ids)
+    reg = RandomPerturbationRegularizer(model)
+    assert torch.equal(model(ids), expected)  # idle hooks change nothing
+    reg.pair(lambda: model(ids))
+    assert torch.equal(model(ids), expected)  # no noise outlives the call
+    assert model.state_dict().keys() == before[0].keys()
+    reg.remove()
+    reg.remove()  # twice is fine
+    assert_same_snapshot(model, before)
+    with pytest.raises(RaptRegError, match="removed"):
+        reg(lambda: model(ids), expected)
+
+
+def test_exception_inside_noisy_forward_leaves_model_clean():
+    model = make_model()
+    ids, _ = batch()
+    expected = model(ids)
+    reg = RandomPerturbationRegularizer(model)
+
+    def failing():
+        model(ids)
+        raise KeyError("boom")
+
+    with pytest.raises(KeyError):
+        reg(failing, expected)
+    assert torch.equal(model(ids), expected)
+    assert reg(lambda: model(ids), expected) > 0  # still usable
+    with RandomPerturbationRegularizer(model) as other:
+        pass
+    assert other._hooks.installed is False
+
+
+def test_two_regularizers_on_one_model_do_not_interfere():
+    model = make_model()
+    ids, _ = batch()
+    regs = {
+        1: RandomPerturbationRegularizer(model, min_layer=1, max_layer=1, eta=1.0),
+        3: RandomPerturbationRegularizer(model, min_layer=3, max_layer=3, eta=1.0),
+    }
+    seen, handles = record_block_inputs(model)
+    clean = model(ids)
+    clean_inputs = list(seen)
+    for layer, reg in regs.items():
+        seen.clear()
+        reg(lambda: model(ids), clean)  # noqa: B023
+        changed = [k for k in range(DEPTH) if not torch.equal(seen[k], clean_inputs[k])]
+        assert changed[0] == layer  # each perturbs only its own layer, only in its own call
+    seen.clear()
+    model(ids)
+    assert all(torch.equal(a, b) for a, b in zip(seen, clean_inputs))
+    for h in handles:
+        h.remove()
+
+
+def test_penalty_is_alpha_times_divergence():
+    model = make_model()
+    ids, _ = batch()
+    values = []
+    for alpha in (1.0, 2.5):
+        reg = RandomPerturbationRegularizer(
+            model, alpha=alpha, generator=torch.Generator().manual_seed(0)
+        )
+        values.append(reg(lambda: model(ids), model(ids)).item())
+        reg.remove()
+    assert values[0] > 0
+    assert math.isclose(values[1], 2.5 * values[0], rel_tol=1e-5)
+
+
+def test_outputs_with_logits_attribute_and_telemetry():
+    model = make_model()
+    ids, _ = batch()
+
+    class Out:
+        def __init__(self, logits):
+            self.logits = logits
+
+    reg = RandomPerturbationRegularizer(model, min_layer=2, max_layer=2)
+    out, penalty = reg.pair(lambda: Out(model(ids)))
+    assert isinstance(out, Out) and penalty > 0
+    stats = reg.stats()
+    assert stats["rapt/layer"] == 2.0
+    assert 0 < reg.last_noise_to_hidden_ratio == stats["rapt/noise_to_hidden_ratio"]
+
+
+BAD_ARGUMENTS = {
+    "negative-eta": ({"eta": -1.0}, "eta must be finite and >= 0"),
+    "nan-eta": ({"eta": float("nan")}, "eta must be finite"),
+    "inf-alpha": ({"alpha": float("inf")}, "alpha must be finite"),
+    "negative-sigma": ({"sigma": -0.1}, "sigma must be finite"),
+    "string-alpha": ({"alpha": "1"}, "alpha must be a number"),
+    "max-beyond-depth": ({"max_layer": 5}, "max_layer=5 but the model has 4 blocks"),
+    "min-above-max": ({"min_layer": 3, "max_layer": 2}, "min_layer=3 is greater than max_layer=2"),
+    "negative-layer": ({"min_layer": -1}, "min_layer must be an int >= 0"),
+    "unknown-norm": ({"norm": "l1"}, "unknown norm 'l1'"),
+    "unknown-divergence": ({"divergence": "kld"}, "unknown divergence 'kld'"),
+    "unknown-nonfinite": ({"nonfinite": "zero"}, "unknown nonfinite"),
+    "bad-blocks": ({"blocks": "encoder"}, "not a submodule"),
+}
+
+
+@pytest.mark.parametrize(("kwargs", "message"), BAD_ARGUMENTS.values(), ids=BAD_ARGUMENTS.keys())
+def test_bad_arguments_are_refused(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        RandomPerturbationRegularizer(make_model(), **kwargs)
+
+
+def test_class_instead_of_instance_is_refused():
+    with pytest.raises(ValueError, match="instantiate it first"):
+        RandomPerturbationRegularizer(TinyTransformer)
+
+
+def test_call_time_errors():
+    model = make_model()
+    ids, _ = batch()
+    reg = RandomPerturbationRegularizer(model)
+    clean = model(ids)
+    with pytest.raises(ValueError, match="zero-argument callable"):
+        reg(model(ids), clean)
+    with pytest.raises(ValueError, match=r"shape \(2, 3\) but clean output has shape \(3, 3\)"):
+        reg(lambda: model(ids[:2]), clean)
+    with pytest.raises(ValueError, match="cannot find logits"):
+        reg(lambda: model(ids), [clean])
+    with pytest.raises(ValueError, match="no block of 'layers' ran"):
+        reg(lambda: clean * 2, clean)
+    with pytest.raises(ValueError, match="neither output requires grad"):
+        reg(lambda: model(ids).detach(), clean.detach())
+    with torch.no_grad():  # logging the penalty without training is allowed
+        assert reg(lambda: model(ids), model(ids)) > 0
+
+
+def test_nonfinite_penalty_raises_or_skips():
+    model = make_model()
+    ids, _ = batch()
+    clean = model(ids).detach().clone()
+    clean[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="penalty is nan"):
+        RandomPerturbationRegularizer(model)(lambda: model(ids), clean)
+    reg = RandomPerturbationRegularizer(model, nonfinite="skip")
+    penalty = reg(lambda: model(ids), clean)
+    assert penalty.item() == 0.0 and not penalty.requires_grad
+    assert reg.skipped_steps == 1 and reg.stats()["rapt/skipped_steps"] == 1.0
+
+
+def test_regularizer_does_not_copy_or_wrap_the_model():
+    model = make_model()
+    reference = copy.deepcopy(model)
+    reg = RandomPerturbationRegularizer(model)
+    assert reg.model is model
+    assert type(model) is type(reference)
+    assert "RandomPerturbationRegularizer(blocks='layers'" in repr(reg)
