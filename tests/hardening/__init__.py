@@ -1,0 +1,1 @@
+"""Hardening tests: generated models, numeric edges and injected faults (see docs/guarantees.md)."""
