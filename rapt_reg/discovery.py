@@ -55,16 +55,18 @@ class BlockStack:
 def unwrap_model(model: nn.Module) -> nn.Module:
     """Strip DDP/DataParallel/FSDP, ``torch.compile`` and PEFT wrappers, outermost first."""
     while True:
+        inner = None
         if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)) or (
-            type(model).__name__ == "FullyShardedDataParallel" and hasattr(model, "module")
+            type(model).__name__ == "FullyShardedDataParallel"
         ):
-            model = model.module
-        elif hasattr(model, "_orig_mod") and isinstance(model._orig_mod, nn.Module):
-            model = model._orig_mod  # torch.compile's OptimizedModule
+            inner = getattr(model, "module", None)
+        elif hasattr(model, "_orig_mod"):
+            inner = model._orig_mod  # torch.compile's OptimizedModule
         elif type(model).__module__.startswith("peft") and hasattr(model, "get_base_model"):
-            model = model.get_base_model()
-        else:
+            inner = model.get_base_model()  # type: ignore[operator]
+        if not isinstance(inner, nn.Module):
             return model
+        model = inner
 
 
 def _members(container: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -110,10 +112,9 @@ def _make_stack(model: nn.Module, path: str, members: list[tuple[str, nn.Module]
 
 
 def _describe(path: str, container: nn.Module) -> str:
-    kinds = sorted({type(m).__name__ for m in container.children()})
-    return (
-        f"{path or '<root>'} ({type(container).__name__} of {len(container)}: {', '.join(kinds)})"
-    )
+    members = list(container.children())
+    kinds = ", ".join(sorted({type(m).__name__ for m in members}))
+    return f"{path or '<root>'} ({type(container).__name__} of {len(members)}: {kinds})"
 
 
 def find_block_stacks(model: nn.Module, *, prefer: Optional[str] = "encoder") -> list[BlockStack]:
