@@ -1,0 +1,25 @@
+"""The hypothesis settings of the hardening tests (registered, never loaded globally).
+
+``RAPT_HARDENING_SCALE`` multiplies every ``max_examples`` (e.g. 20 for a nightly fuzz run);
+CI runs the default of 1 and the counts in docs/guarantees.md.
+"""
+
+import os
+
+from hypothesis import HealthCheck, settings
+
+SCALE = max(1, int(os.environ.get("RAPT_HARDENING_SCALE", "1")))
+
+settings.register_profile(
+    "rapt-hardening",
+    deadline=None,
+    max_examples=40 * SCALE,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+    print_blob=True,
+)
+FUZZ = settings.get_profile("rapt-hardening")
+
+
+def examples(n: int) -> settings:
+    """The hardening profile with ``n`` examples per CI run (times the scale)."""
+    return settings(FUZZ, max_examples=n * SCALE)

@@ -1,0 +1,18 @@
+"""One intra-op thread for the hardening tests, restored afterwards.
+
+Their models are tiny (dim <= 16): a second thread buys nothing and, on a loaded 2-core runner,
+OpenMP's spinning threads made them 10-20 times slower.
+"""
+
+import pytest
+import torch
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
