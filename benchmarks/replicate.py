@@ -38,12 +38,13 @@ def _parse(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     parser.add_argument(
         "--eval-size",
         type=int,
-        default=1000,
-        help="held-out articles per seed (seeded draw); keeps 5 seeds in ~30 min",
+        default=500,
+        help="held-out articles per seed (seeded draw), to keep 5 seeds in about 30 min",
     )
     parser.add_argument("--out", default="demo-out/replication", help="folder for the raw JSON")
     parser.add_argument("--docs", default=str(ROOT / "docs"), help="docs folder to write into")
     parser.add_argument("--from-json", help="rewrite the page from a previous run's JSON")
+    parser.add_argument("--threads", type=int, help="CPU threads for torch [torch's default]")
     parser.add_argument("--no-progress", action="store_true")
     return parser.parse_args(argv)
 
@@ -53,11 +54,6 @@ def _load_avg() -> str:
         return " / ".join(f"{x:.1f}" for x in os.getloadavg())
     except OSError:
         return "n/a"
-
-
-def _fmt(mean_std: Sequence[float], scale: float, digits: int) -> str:
-    mean, std = mean_std
-    return f"{scale * mean:.{digits}f} ± {scale * std:.{digits}f}"
 
 
 def render_page(payload: dict[str, Any], figure: str) -> str:
@@ -110,6 +106,13 @@ def render_page(payload: dict[str, Any], figure: str) -> str:
         )
 
     seeds = ", ".join(str(s) for s in config.seeds)
+    threads = (
+        f" Torch was limited to {config.threads} thread{'s' if config.threads > 1 else ''} "
+        "(`--threads`): on a machine shared with other jobs, two threads fighting over two "
+        "busy cores ran several times slower than one."
+        if config.threads
+        else ""
+    )
     return f"""# Replication results
 
 A small-scale counterpart of the paper's Table 2 (accuracy, 5 seeds) and Table 3 (training
@@ -169,7 +172,7 @@ with BERT-base on GLUE with full training sets.
 ```
 
 - **Machine**: {env.get("cpu_count")} CPU cores (torch used {env.get("torch_threads")}
-  threads), no GPU (CUDA available: {env.get("cuda")}); {env.get("platform")}.
+  threads), no GPU (CUDA available: {env.get("cuda")}); {env.get("platform")}.{threads}
 - **Software**: Python {env.get("python")}, torch {env.get("torch")}, transformers
   {env.get("transformers")}.
 - **Wall time**: {payload["wall_seconds"] / 60:.1f} min for the whole run. Load average
@@ -196,6 +199,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             eval_size=args.eval_size,
             out=args.out,
             progress=not args.no_progress,
+            threads=args.threads,
         )
         config = demo._drop_unavailable(config)
         load_start = _load_avg()

