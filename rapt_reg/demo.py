@@ -684,6 +684,21 @@ def _positive(kind: type) -> Callable[[str], Any]:
     return convert
 
 
+class _HelpFormatter(argparse.HelpFormatter):
+    # Shows defaults only where there is one (the sizes say theirs, with --quick's, in the text).
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if action.default not in (None, False, argparse.SUPPRESS) and "%(default)" not in text:
+            text += " (default: %(default)s)"
+        return text
+
+
+def _size_help(text: str, name: str) -> str:
+    default = getattr(DemoConfig(), name)
+    quick = f"; --quick: {QUICK[name]}" if name in QUICK else ""
+    return f"{text} (default: {'all' if default is None else default}{quick})"
+
+
 def parse_args(argv: Optional[Sequence[str]] = None) -> DemoConfig:
     """Build a :class:`DemoConfig` from command-line arguments.
 
@@ -702,9 +717,13 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> DemoConfig:
             "fine-tuning against RAPT (and SMART with --smart). Writes results.md, results.json "
             "and results.png into --out."
         ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_HelpFormatter,
     )
-    parser.add_argument("--quick", action="store_true", help="tiny slice, under a minute (CI)")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="the same pipeline on a tiny slice, under a minute (CI runs it)",
+    )
     parser.add_argument(
         "--seeds",
         "--seed",
@@ -721,27 +740,27 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> DemoConfig:
         help="methods to compare",
     )
     parser.add_argument("--smart", action="store_true", help="add SMART to the methods")
-    parser.add_argument("--steps", type=_positive(int), help=f"training steps [{defaults.steps}]")
+    parser.add_argument("--steps", type=_positive(int), help=_size_help("training steps", "steps"))
     parser.add_argument(
         "--train-per-class",
         type=_positive(int),
-        help=f"training articles per class [{defaults.train_per_class}]",
+        help=_size_help("training articles per class", "train_per_class"),
     )
     parser.add_argument(
         "--eval-size",
         type=_positive(int),
-        help="held-out articles to evaluate on [all not used for training]",
+        help=_size_help("held-out articles to evaluate on (seeded draw)", "eval_size"),
     )
     parser.add_argument(
-        "--batch-size", type=_positive(int), help=f"training batch size [{defaults.batch_size}]"
+        "--batch-size", type=_positive(int), help=_size_help("training batch size", "batch_size")
     )
     parser.add_argument(
         "--eval-batch-size",
         type=_positive(int),
-        help=f"evaluation batch size [{defaults.eval_batch_size}]",
+        help=_size_help("evaluation batch size", "eval_batch_size"),
     )
     parser.add_argument(
-        "--max-length", type=_positive(int), help=f"tokens per article [{defaults.max_length}]"
+        "--max-length", type=_positive(int), help=_size_help("tokens per article", "max_length")
     )
     parser.add_argument(
         "--lr", type=_positive(float), default=defaults.lr, help="peak learning rate"
@@ -778,7 +797,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> DemoConfig:
     )
     parser.add_argument("--model", help="folder of another pretrained checkpoint to fine-tune")
     parser.add_argument("--out", default=defaults.out, help="output folder")
-    parser.add_argument("--threads", type=_positive(int), help="CPU threads for torch")
+    parser.add_argument(
+        "--threads", type=_positive(int), help="CPU threads for torch (default: torch's own)"
+    )
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
     args = parser.parse_args(argv)
 
