@@ -14,6 +14,8 @@ from typing import Callable, Optional, Union
 import torch
 import torch.nn.functional as F
 
+from .errors import RaptRegError
+
 Divergence = Callable[..., torch.Tensor]
 
 
@@ -57,11 +59,30 @@ def resolve(divergence: Union[str, Divergence]) -> Divergence:
     if callable(divergence):
         return divergence
     if divergence not in DIVERGENCES:
-        raise ValueError(
+        raise RaptRegError(
             f"unknown divergence {divergence!r}: use one of {sorted(DIVERGENCES)} or pass a "
             "callable (noisy_logits, clean_logits) -> per-position values of shape [...]"
         )
     return DIVERGENCES[divergence]
+
+
+def check_outputs(noisy: torch.Tensor, clean: torch.Tensor) -> None:
+    """Refuse outputs no divergence can compare: different shapes, or not floating point.
+
+    Raises:
+        RaptRegError: naming both shapes, or the offending dtype.
+    """
+    for name, t in (("noisy", noisy), ("clean", clean)):
+        if not t.is_floating_point():
+            raise RaptRegError(
+                f"{name} output has dtype {t.dtype}: the divergence needs floating-point logits, "
+                "not class indices or booleans"
+            )
+    if noisy.shape != clean.shape:
+        raise RaptRegError(
+            f"noisy output has shape {tuple(noisy.shape)} but clean output has shape "
+            f"{tuple(clean.shape)}: both passes must return logits of the same shape"
+        )
 
 
 def reduce_divergence(
@@ -76,35 +97,27 @@ def reduce_divergence(
         per_position: A function ``(noisy, clean) -> [...]`` such as :func:`sym_kl`.
         noisy: Logits of the perturbed pass, ``[..., C]``.
         clean: Logits of the clean pass, same shape.
-        mask: Optional ``[...]`` tensor; positions where it is zero/false are left out.
+        mask: Optional boolean (or 0/1) ``[...]`` tensor; only positions where it is true are
+            compared, so whatever the padded positions hold (even NaN) never reaches the
+            penalty or its gradient. A mask with no true entry gives 0.
 
     Returns:
         A float32 (or float64) scalar.
 
     Raises:
-        ValueError: if shapes differ, the outputs are not floating point, or the mask does not
-            match the leading dimensions.
+        RaptRegError: if shapes differ, the outputs are not floating point, or the mask does
+            not match the leading dimensions.
     """
-    if noisy.shape != clean.shape:
-        raise ValueError(
-            f"noisy output has shape {tuple(noisy.shape)} but clean output has shape "
-            f"{tuple(clean.shape)}: both passes must return logits of the same shape"
-        )
-    for name, t in (("noisy", noisy), ("clean", clean)):
-        if not t.is_floating_point():
-            raise ValueError(
-                f"{name} output has dtype {t.dtype}: the divergence needs floating-point logits, "
-                "not class indices or booleans"
+    check_outputs(noisy, clean)
+    if mask is not None:
+        if mask.shape != noisy.shape[:-1]:
+            raise RaptRegError(
+                f"mask has shape {tuple(mask.shape)} but the outputs' leading dimensions are "
+                f"{tuple(noisy.shape[:-1])}: pass one entry per position (e.g. the attention mask)"
             )
+        keep = mask.to(device=noisy.device, dtype=torch.bool)
+        noisy, clean = noisy[keep], clean[keep]
     work = torch.promote_types(noisy.dtype, torch.float32)
     with torch.autocast(device_type=noisy.device.type, enabled=False):
         values = per_position(noisy.to(work), clean.to(work))
-        if mask is None:
-            return values.mean()
-        if mask.shape != values.shape:
-            raise ValueError(
-                f"mask has shape {tuple(mask.shape)} but the outputs' leading dimensions are "
-                f"{tuple(values.shape)}: pass one entry per position (e.g. the attention mask)"
-            )
-        weight = mask.to(device=values.device, dtype=work)
-        return (values * weight).sum() / weight.sum().clamp_min(1.0)
+        return values.mean() if values.numel() else values.sum()

@@ -32,11 +32,13 @@ class Pass:
 
     Attributes:
         layer: The layer r to perturb (or to record up to).
-        perturb: ``h -> delta`` for a noisy pass; None for a recording (clean) pass.
+        perturb: ``h -> delta`` for a noisy pass; None for a recording (clean) pass. It must
+            return the same delta when called again (recomputation under checkpointing
+            replays it), e.g. by sampling from a fixed seed.
         saved: Outputs of calls ``1..layer``: filled by a recording pass, reused by a noisy one.
         calls: Block calls seen so far.
         stack: Index of the stack whose blocks ran (the first one that fired).
-        conflict: Index of a second stack that also ran, if any.
+        others: Indices of further stacks that also ran, in the order they first ran.
         applied: Whether the perturbation was added.
         reused: How many block calls were short-circuited with a recorded output.
         noise_ratio: ``||delta|| / ||h||`` at layer r, detached.
@@ -48,7 +50,7 @@ class Pass:
     saved: Optional[dict[int, Any]] = None
     calls: int = 0
     stack: Optional[int] = None
-    conflict: Optional[int] = None
+    others: list[int] = field(default_factory=list)
     applied: bool = False
     reused: int = 0
     noise_ratio: Optional[torch.Tensor] = None
@@ -152,8 +154,9 @@ class StackHooks:
         self._pass: Optional[Pass] = None
         # Noise added to a block's *input* (layer 0) runs inside the block's call; if the user
         # wraps that call in torch.utils.checkpoint, the recomputation in backward must add
-        # the same noise again. Kept: the perturbed input (weakly) and the noise.
-        self._replay: Optional[tuple[weakref.ref, torch.Tensor]] = None
+        # the same noise again. Kept: the perturbed input (weakly) and the deterministic
+        # perturbation that made the noise (not the noise itself).
+        self._replay: Optional[tuple[weakref.ref, Perturb]] = None
         for index, blocks in enumerate(stacks):
             handles = self._handles.setdefault(index, [])
             for block in blocks:
@@ -215,7 +218,8 @@ class StackHooks:
         if p.stack is None:
             p.stack = index
         elif index != p.stack:
-            p.conflict = index
+            if index not in p.others:
+                p.others.append(index)
             return None
         p.calls += 1
         p._reusing_call = False
@@ -230,7 +234,7 @@ class StackHooks:
                 )
             delta = self._apply(p, hidden)
             if not torch.compiler.is_compiling():
-                self._replay = (weakref.ref(hidden), delta)
+                self._replay = (weakref.ref(hidden), p.perturb)
             return _replace_input(args, kwargs, hidden + delta)
         if p.saved is not None and p.calls in p.saved and self._can_reuse(p):
             batch = _batch_size(args, kwargs)
@@ -244,7 +248,7 @@ class StackHooks:
 
     def _post(self, module: nn.Module, args: tuple, output: Any) -> Any:
         p = self._pass
-        if p is None or p.stack != self._stack_of[id(module)] or p.conflict is not None:
+        if p is None or p.stack != self._stack_of[id(module)] or p.others:
             return None
         k = p.calls
         if p.perturb is None:
@@ -283,8 +287,8 @@ class StackHooks:
             return None
         if torch._C._current_graph_task_id() == -1:  # not inside backward: a real forward
             return None
-        ref, delta = self._replay
+        ref, perturb = self._replay
         original, hidden = ref(), input_hidden(args, kwargs)
         if original is None or hidden is None or not _same_tensor_data(hidden, original):
             return None
-        return _replace_input(args, kwargs, hidden + delta)
+        return _replace_input(args, kwargs, hidden + perturb(hidden))

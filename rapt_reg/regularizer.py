@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from typing import Any, Callable, Optional, Union
@@ -155,9 +156,9 @@ class RandomPerturbationRegularizer:
             [s.blocks for s in self.stacks], [s.batch_dim for s in self.stacks]
         )
         self._noise_generators: dict[torch.device, torch.Generator] = {}
-        self._seed = 0
         self._reuse_prefix = True
         self._warned_eval = False
+        self._warned_zero = False
         self.last_layer: Optional[int] = None
         self.last_prefix_reused: Optional[bool] = None
         self._last_noise_ratio: Optional[torch.Tensor] = None
@@ -204,7 +205,7 @@ class RandomPerturbationRegularizer:
         clean_logits = logits_of(clean_output)
         if not self._training():
             return self._eval_penalty(clean_logits)
-        p = self._noisy_pass(noisy_forward, saved=None)
+        p = self._noisy_pass(noisy_forward, self._draw(), saved=None)
         return self._penalty(p, clean_logits, mask)
 
     def pair(
@@ -233,21 +234,22 @@ class RandomPerturbationRegularizer:
         if not self._training():
             clean_output = forward()
             return clean_output, self._eval_penalty(logits_of(clean_output))
-        layer = self._draw_layer()
+        layer, seed = self._draw()
         saved: Optional[dict[int, Any]] = {} if self._reuse_prefix and layer > 0 else None
         with self._hooks.armed(Pass(layer=layer, saved=saved)) as clean:
             clean_output = forward()
         self._settle_stack(clean)
+        reusing = Pass(layer=layer, saved=saved)
         try:
-            p = self._noisy_pass(forward, saved=saved, layer=layer)
+            p = self._noisy_pass(forward, (layer, seed), saved=saved, observe=reusing)
         except RaptRegError:
             raise
         except Exception as exc:
-            if not saved:
-                raise
+            if not reusing.reused:
+                raise  # the fault came before any reused block: not the reuse's doing
             # Reusing the prefix runs blocks 1..r on one example; a block that cannot take
             # the cut inputs lands here. Recompute the whole noisy pass instead, from now on.
-            p = self._noisy_pass(forward, saved=None, layer=layer)
+            p = self._noisy_pass(forward, (layer, seed), saved=None)
             self._reuse_prefix = False
             warnings.warn(
                 f"pair() could not reuse the clean prefix for this model ({exc!r}); it now "
@@ -305,21 +307,23 @@ class RandomPerturbationRegularizer:
             (), dtype=torch.promote_types(clean_logits.dtype, torch.float32)
         )
 
-    def _draw_layer(self) -> int:
-        """Layer r for this step and the seed of its noise, from the generator or global RNG."""
+    def _draw(self) -> tuple[int, int]:
+        """Layer r for this step and the seed of its noise, from the generator or global RNG.
+
+        Both are drawn before the forward, so nothing inside it consumes the global RNG:
+        dropout masks are those of a forward without RAPT, and recomputation under
+        checkpointing replays the same noise from the same seed.
+        """
         layer = int(torch.randint(self.min_layer, self.max_layer + 1, (), generator=self.generator))
-        self._seed = int(torch.randint(0, 2**62, (), generator=self.generator))
-        return layer
+        seed = int(torch.randint(0, 2**62, (), generator=self.generator))
+        return layer, seed
 
     @torch.compiler.disable
-    def _sample(self, hidden: torch.Tensor) -> torch.Tensor:
-        # Seeded per step (from _draw_layer) so that nothing inside the forward consumes the
-        # global RNG: dropout masks are the same as without RAPT's noise, and recomputation
-        # under checkpointing stays exact.
+    def _sample(self, hidden: torch.Tensor, seed: int) -> torch.Tensor:
         gen = self._noise_generators.get(hidden.device)
         if gen is None:
             gen = self._noise_generators[hidden.device] = torch.Generator(device=hidden.device)
-        gen.manual_seed(self._seed)
+        gen.manual_seed(seed)
         return sample_noise(
             hidden.shape,
             eta=self.eta,
@@ -335,13 +339,15 @@ class RandomPerturbationRegularizer:
     def _noisy_pass(
         self,
         forward: Callable[[], Output],
+        draw: tuple[int, int],
         *,
         saved: Optional[dict[int, Any]],
-        layer: Optional[int] = None,
+        observe: Optional[Pass] = None,
     ) -> Pass:
-        if layer is None:
-            layer = self._draw_layer()
-        with self._hooks.armed(Pass(layer=layer, perturb=self._sample, saved=saved)) as p:
+        layer, seed = draw
+        p = observe or Pass(layer=layer, saved=saved)
+        p.perturb = functools.partial(self._sample, seed=seed)
+        with self._hooks.armed(p):
             p.output = forward()
         self._settle_stack(p)
         self._verify(p)
@@ -352,9 +358,9 @@ class RandomPerturbationRegularizer:
 
     def _settle_stack(self, p: Pass) -> None:
         """After a forward: refuse an ambiguous model, or keep only the stack that ran."""
-        if p.conflict is not None:
+        if p.others:
             assert p.stack is not None
-            raise ambiguity_error([self.stacks[p.stack], self.stacks[p.conflict]])
+            raise ambiguity_error([self.stacks[i] for i in (p.stack, *p.others)])
         if p.stack is not None and len(self.stacks) > 1:
             self._hooks.keep_only(p.stack)
             self.stacks = [self.stacks[p.stack]]
@@ -382,6 +388,7 @@ class RandomPerturbationRegularizer:
         self, p: Pass, clean_logits: torch.Tensor, mask: Optional[torch.Tensor]
     ) -> torch.Tensor:
         noisy_logits = logits_of(p.output)
+        div.check_outputs(noisy_logits, clean_logits)
         if torch.is_grad_enabled() and not (
             noisy_logits.requires_grad or clean_logits.requires_grad
         ):
@@ -393,13 +400,25 @@ class RandomPerturbationRegularizer:
         penalty = self.alpha * div.reduce_divergence(
             self.divergence, noisy_logits, clean_logits, mask
         )
-        if bool(torch.isfinite(penalty)):
+        value = float(penalty.detach())  # one host sync per step, for the two checks below
+        if value == 0.0 and self.eta > 0 and self.alpha > 0 and not self._warned_zero:
+            self._warned_zero = True
+            where = self.stacks[0].path or ",".join(self.stacks[0].names)
+            warnings.warn(
+                f"the RAPT penalty is exactly 0 although noise of size eta={self.eta} was added "
+                f"at layer {p.layer} of {where!r}: either the output does not depend on that "
+                "stack (pass blocks= naming the blocks whose output the model uses), or the "
+                "noise is below the resolution of the hidden states' dtype, e.g. bfloat16 "
+                "(raise eta, or train in float32 with autocast). This is said once.",
+                stacklevel=3,
+            )
+        if math.isfinite(value):
             return penalty
         if self.nonfinite == "skip":
             self.skipped_steps += 1
             return penalty.new_zeros(())
         raise RaptRegError(
-            f"the RAPT penalty is {penalty.item()} at layer {p.layer}: the noisy or the clean "
+            f"the RAPT penalty is {value} at layer {p.layer}: the noisy or the clean "
             "output holds NaN/inf (check the clean loss and the learning rate, lower eta, or "
             "pass nonfinite='skip' to skip such steps)."
         )
