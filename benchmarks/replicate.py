@@ -4,7 +4,8 @@ Runs standard fine-tuning, RAPT (eta=2, layers 1-3), RAPT (Embedding) and SMART 
 few-shot BBC News task with all-MiniLM-L6-v2, once per seed, and writes ``docs/results.md``
 (mean ± std of accuracy, accuracy under typos and time per step, plus every seed's figures)
 and ``docs/img/replication.png``. The raw figures go to ``<out>/replication.json``; rerun with
-``--from-json`` to rewrite the page from them without training again.
+``--from-json`` to rewrite the page from them without training again; several JSON files
+(seeds split over processes run side by side) are merged.
 
     HF_HUB_OFFLINE=1 python benchmarks/replicate.py                  # about 30 min on 2 cores
     python benchmarks/replicate.py --from-json demo-out/replication/replication.json
@@ -43,8 +44,13 @@ def _parse(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     )
     parser.add_argument("--out", default="demo-out/replication", help="folder for the raw JSON")
     parser.add_argument("--docs", default=str(ROOT / "docs"), help="docs folder to write into")
-    parser.add_argument("--from-json", help="rewrite the page from a previous run's JSON")
+    parser.add_argument(
+        "--from-json",
+        nargs="+",
+        help="rewrite the page from previous runs' JSON (several: seeds run in parallel)",
+    )
     parser.add_argument("--threads", type=int, help="CPU threads for torch [torch's default]")
+    parser.add_argument("--note", help="a sentence added under 'How it was run'")
     parser.add_argument("--no-progress", action="store_true")
     return parser.parse_args(argv)
 
@@ -54,6 +60,55 @@ def _load_avg() -> str:
         return " / ".join(f"{x:.1f}" for x in os.getloadavg())
     except OSError:
         return "n/a"
+
+
+def merge(payloads: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """One payload from runs of the same configuration over different seeds."""
+    first = payloads[0]
+    parts, runs, seeds = [], [], []
+    for payload in payloads:
+        config = dict(payload["config"], seeds=first["config"]["seeds"])
+        if config != first["config"]:
+            raise SystemExit("cannot merge runs of different configurations")
+        seeds += list(payload["config"]["seeds"])
+        runs += payload["runs"]
+        parts += payload.get("parts") or [
+            {k: payload.get(k) for k in ("command", "wall_seconds", "load_start", "load_end")}
+            | {"seeds": payload["config"]["seeds"]}
+        ]
+    if len(set(seeds)) != len(seeds):
+        raise SystemExit(f"a seed appears in more than one run: {sorted(seeds)}")
+    order = {m: i for i, m in enumerate(first["config"]["methods"])}
+    runs.sort(key=lambda r: (r["seed"], order[r["method"]]))
+    return {
+        "config": dict(first["config"], seeds=sorted(seeds)),
+        "environment": first["environment"],
+        "parts": parts,
+        "runs": runs,
+    }
+
+
+def _how_it_ran(payload: dict[str, Any]) -> str:
+    parts = payload["parts"]
+    commands = "\n".join(p["command"] for p in parts)
+    lines = [f"```bash\n{commands}\n```", ""]
+    if len(parts) > 1:
+        lines.append(
+            f"The seeds were split over {len(parts)} processes run at the same time, then "
+            "merged with `--from-json`:"
+        )
+        lines.append("")
+    for p in parts:
+        seeds = ", ".join(str(s) for s in p["seeds"])
+        lines.append(
+            f"- seed{'s' if len(p['seeds']) > 1 else ''} {seeds}: "
+            f"{p['wall_seconds'] / 60:.1f} min wall; load average "
+            f"(1/5/15 min) {p.get('load_start') or 'n/a'} at the start, "
+            f"{p.get('load_end') or 'n/a'} at the end."
+        )
+    if payload.get("note"):
+        lines += ["", payload["note"]]
+    return "\n".join(lines)
 
 
 def render_page(payload: dict[str, Any], figure: str) -> str:
@@ -167,19 +222,15 @@ with BERT-base on GLUE with full training sets.
 
 ## How it was run
 
-```bash
-{payload["command"]}
-```
+{_how_it_ran(payload)}
 
 - **Machine**: {env.get("cpu_count")} CPU cores (torch used {env.get("torch_threads")}
   threads), no GPU (CUDA available: {env.get("cuda")}); {env.get("platform")}.{threads}
 - **Software**: Python {env.get("python")}, torch {env.get("torch")}, transformers
   {env.get("transformers")}.
-- **Wall time**: {payload["wall_seconds"] / 60:.1f} min for the whole run. Load average
-  (1/5/15 min) at start {payload.get("load_start", "n/a")}, at end
-  {payload.get("load_end", "n/a")}: the machine was shared with other jobs, so absolute step
-  times are noisy; the ratios, taken between methods that ran interleaved, are the figures
-  to read.
+- **Load**: the machine was shared with other jobs (see the load averages above), so
+  absolute step times are noisy and high; the ratios, taken between methods that ran
+  interleaved, step by step, are the figures to read.
 """
 
 
@@ -187,7 +238,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = _parse(argv)
     docs = Path(args.docs)
     if args.from_json:
-        payload = json.loads(Path(args.from_json).read_text(encoding="utf-8"))
+        payload = merge([json.loads(Path(p).read_text(encoding="utf-8")) for p in args.from_json])
     else:
         demo.check_demo_dependencies()
         config = replace(
@@ -225,8 +276,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             (out / "replication.json").write_text(json.dumps(payload, indent=2), encoding="utf-8")
             return payload
 
-        payload = save(demo.run_comparison(config, on_seed=save))
+        payload = merge([save(demo.run_comparison(config, on_seed=save))])
 
+    if args.note:
+        payload["note"] = args.note
     config = demo.DemoConfig(
         **{k: tuple(v) if isinstance(v, list) else v for k, v in payload["config"].items()}
     )
