@@ -5,15 +5,19 @@ CI runs the default of 1 and the counts in docs/guarantees.md.
 """
 
 import os
+from collections import Counter
 
 from hypothesis import HealthCheck, settings
+
+# What one run tried, printed at the end of the session (see conftest.py).
+TALLY: Counter = Counter()
 
 SCALE = max(1, int(os.environ.get("RAPT_HARDENING_SCALE", "1")))
 
 settings.register_profile(
     "rapt-hardening",
     deadline=None,
-    max_examples=40 * SCALE,
+    max_examples=150 * SCALE,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
     print_blob=True,
 )

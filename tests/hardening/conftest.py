@@ -7,6 +7,8 @@ OpenMP's spinning threads made them 10-20 times slower.
 import pytest
 import torch
 
+from ._profile import TALLY
+
 
 @pytest.fixture(autouse=True)
 def _one_thread():
@@ -16,3 +18,9 @@ def _one_thread():
         yield
     finally:
         torch.set_num_threads(before)
+
+
+def pytest_terminal_summary(terminalreporter):
+    if TALLY:
+        counts = ", ".join(f"{n} {what}" for what, n in sorted(TALLY.items()))
+        terminalreporter.write_line(f"rapt-reg hardening tried: {counts}")
