@@ -392,7 +392,7 @@ def _accuracy(
 # --------------------------------------------------------------------------- the comparison
 
 
-def _load_pretrained(config: DemoConfig) -> tuple[Any, Callable[[int], nn.Module]]:
+def _load_pretrained(config: DemoConfig, num_labels: int) -> tuple[Any, Callable[[int], nn.Module]]:
     import transformers
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
@@ -409,7 +409,7 @@ def _load_pretrained(config: DemoConfig) -> tuple[Any, Callable[[int], nn.Module
 
     def load(seed: int) -> nn.Module:
         torch.manual_seed(seed)  # the new classification head's initialisation
-        return AutoModelForSequenceClassification.from_pretrained(path, num_labels=5)
+        return AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels)
 
     return tokenizer, load
 
@@ -434,7 +434,7 @@ def run_comparison(
     if config.threads is not None:
         torch.set_num_threads(config.threads)
     corpus = _textdata.read_bbc_news()
-    tokenizer, load = _load_pretrained(config)
+    tokenizer, load = _load_pretrained(config, len(corpus.class_names))
     results: list[RunResult] = []
     for seed in config.seeds:
         split = _prepare_split(corpus, tokenizer, config, seed)
