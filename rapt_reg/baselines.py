@@ -385,6 +385,7 @@ class SmartRegularizer(_EmbeddingNoiseRegularizer):
                 return self._zero(clean_logits)
             with torch.no_grad():
                 noise.value = self._project(noise.value + self.step_size * grad)
+            noise.value.requires_grad_()  # the next ascent pass differentiates with respect to it
         noisy = self._noisy_pass(noisy_forward, noise, ascent=False)
         noisy_logits = logits_of(noisy)
         self._check_output(noisy_logits, clean_logits)
@@ -426,6 +427,9 @@ class SmartRegularizer(_EmbeddingNoiseRegularizer):
 
     def _noisy_pass(self, forward: Callable[[], Output], noise: _Noise, *, ascent: bool) -> Any:
         def perturb(hidden: torch.Tensor) -> torch.Tensor:
+            # Called again with the same hidden states when a checkpointed first block is
+            # recomputed in backward: it must return the same tensor (the same leaf, in an
+            # ascent pass, so that the gradient reaches it).
             if noise.value is None:
                 gen = self._noise_source(hidden.device)
                 sample = torch.randn(
@@ -434,17 +438,14 @@ class SmartRegularizer(_EmbeddingNoiseRegularizer):
                     device=hidden.device,
                     dtype=torch.promote_types(hidden.dtype, torch.float32),
                 )
-                noise.value = (sample * self.noise_var).to(hidden.dtype)
+                noise.value = (sample * self.noise_var).to(hidden.dtype).requires_grad_(ascent)
             elif noise.value.shape != hidden.shape:
                 raise RaptRegError(
                     f"the embedding output changed shape between SMART's passes "
                     f"({tuple(noise.value.shape)} -> {tuple(hidden.shape)}): every call of "
                     "noisy_forward must run the same batch"
                 )
-            if ascent:
-                noise.value = noise.value.detach().requires_grad_()
-                return noise.value
-            return noise.value.detach()
+            return noise.value if ascent else noise.value.detach()
 
         with self._hooks.armed(Pass(layer=0, perturb=perturb)) as p:
             p.output = forward()
@@ -461,9 +462,9 @@ class SmartRegularizer(_EmbeddingNoiseRegularizer):
         return p.output
 
     def _settle_stack(self, p: Pass) -> None:
-        if p.conflict is not None:
+        if p.others:
             assert p.stack is not None
-            raise ambiguity_error([self.stacks[p.stack], self.stacks[p.conflict]])
+            raise ambiguity_error([self.stacks[i] for i in (p.stack, *p.others)])
         if p.stack is not None and len(self.stacks) > 1:
             self._hooks.keep_only(p.stack)
             self.stacks = [self.stacks[p.stack]]

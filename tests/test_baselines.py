@@ -291,6 +291,28 @@ def test_smart_zero_noise_is_the_clean_forward(build):
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
 
 
+def test_smart_under_gradient_checkpointing_matches_plain():
+    # The first block's recomputation in backward re-adds the same noise (the same leaf in
+    # the ascent pass), so checkpointing changes nothing.
+    ids = _ids() % 60
+
+    def run(checkpointing: bool) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        model = _bert()
+        if checkpointing:
+            enable = getattr(model, "activation_checkpointing_enable", None)
+            (enable or model.gradient_checkpointing_enable)()
+        gen = torch.Generator().manual_seed(0)
+        with SmartRegularizer(model, k=1, step_size=10.0, noise_var=1e-3, generator=gen) as reg:
+            clean, penalty = reg.pair(lambda: model(input_ids=ids))
+            penalty.backward()
+        return penalty.detach(), _grads(model)
+
+    (plain, plain_grads), (checkpointed, checkpointed_grads) = run(False), run(True)
+    torch.testing.assert_close(checkpointed, plain)
+    for a, b in zip(checkpointed_grads, plain_grads):
+        torch.testing.assert_close(a, b)
+
+
 # -- shared behaviour -------------------------------------------------------------------------
 
 REGULARIZERS = {
