@@ -426,7 +426,7 @@ class SmartRegularizer(_EmbeddingNoiseRegularizer):
         return x / (size + self.epsilon)
 
     def _noisy_pass(self, forward: Callable[[], Output], noise: _Noise, *, ascent: bool) -> Any:
-        def perturb(hidden: torch.Tensor) -> torch.Tensor:
+        def perturb(hidden: torch.Tensor, batch_dim: int) -> torch.Tensor:
             # Called again with the same hidden states when a checkpointed first block is
             # recomputed in backward: it must return the same tensor (the same leaf, in an
             # ascent pass, so that the gradient reaches it).

@@ -23,7 +23,8 @@ from torch.utils.hooks import RemovableHandle
 
 from .errors import RaptRegError
 
-Perturb = Callable[[torch.Tensor], torch.Tensor]
+Perturb = Callable[[torch.Tensor, int], torch.Tensor]
+"""``(hidden, batch_dim) -> delta``: the perturbation to add to hidden states."""
 
 
 @dataclass
@@ -32,7 +33,8 @@ class Pass:
 
     Attributes:
         layer: The layer r to perturb (or to record up to).
-        perturb: ``h -> delta`` for a noisy pass; None for a recording (clean) pass. It must
+        perturb: ``(h, batch_dim) -> delta`` for a noisy pass (``batch_dim`` is that of the
+            stack that fired); None for a recording (clean) pass. It must
             return the same delta when called again (recomputation under checkpointing
             replays it), e.g. by sampling from a fixed seed.
         saved: Outputs of calls ``1..layer``: filled by a recording pass, reused by a noisy one.
@@ -156,7 +158,7 @@ class StackHooks:
         # wraps that call in torch.utils.checkpoint, the recomputation in backward must add
         # the same noise again. Kept: the perturbed input (weakly) and the deterministic
         # perturbation that made the noise (not the noise itself).
-        self._replay: Optional[tuple[weakref.ref, Perturb]] = None
+        self._replay: Optional[tuple[weakref.ref, Perturb, int]] = None
         for index, blocks in enumerate(stacks):
             handles = self._handles.setdefault(index, [])
             for block in blocks:
@@ -234,7 +236,7 @@ class StackHooks:
                 )
             delta = self._apply(p, hidden)
             if not torch.compiler.is_compiling():
-                self._replay = (weakref.ref(hidden), p.perturb)
+                self._replay = (weakref.ref(hidden), p.perturb, self._batch_dims[p.stack])
             return _replace_input(args, kwargs, hidden + delta)
         if p.saved is not None and p.calls in p.saved and self._can_reuse(p):
             batch = _batch_size(args, kwargs)
@@ -265,8 +267,8 @@ class StackHooks:
         return output if replaced else None
 
     def _apply(self, p: Pass, hidden: torch.Tensor) -> torch.Tensor:
-        assert p.perturb is not None
-        delta = p.perturb(hidden)
+        assert p.perturb is not None and p.stack is not None
+        delta = p.perturb(hidden, self._batch_dims[p.stack])
         p.applied = True
         with torch.no_grad():
             p.noise_ratio = delta.detach().float().norm() / hidden.detach().float().norm()
@@ -287,8 +289,8 @@ class StackHooks:
             return None
         if torch._C._current_graph_task_id() == -1:  # not inside backward: a real forward
             return None
-        ref, perturb = self._replay
+        ref, perturb, batch_dim = self._replay
         original, hidden = ref(), input_hidden(args, kwargs)
         if original is None or hidden is None or not _same_tensor_data(hidden, original):
             return None
-        return _replace_input(args, kwargs, hidden + perturb(hidden))
+        return _replace_input(args, kwargs, hidden + perturb(hidden, batch_dim))

@@ -319,7 +319,7 @@ class RandomPerturbationRegularizer:
         return layer, seed
 
     @torch.compiler.disable
-    def _sample(self, hidden: torch.Tensor, seed: int) -> torch.Tensor:
+    def _sample(self, hidden: torch.Tensor, batch_dim: int, seed: int) -> torch.Tensor:
         gen = self._noise_generators.get(hidden.device)
         if gen is None:
             gen = self._noise_generators[hidden.device] = torch.Generator(device=hidden.device)
@@ -329,7 +329,7 @@ class RandomPerturbationRegularizer:
             eta=self.eta,
             sigma=self.sigma,
             norm=self.norm,
-            batch_dim=self.stacks[0].batch_dim if len(self.stacks) == 1 else 0,
+            batch_dim=batch_dim,
             per_token=self.per_token,
             dtype=hidden.dtype,
             device=hidden.device,
@@ -401,7 +401,14 @@ class RandomPerturbationRegularizer:
             self.divergence, noisy_logits, clean_logits, mask
         )
         value = float(penalty.detach())  # one host sync per step, for the two checks below
-        if value == 0.0 and self.eta > 0 and self.alpha > 0 and not self._warned_zero:
+        if (
+            value == 0.0
+            and self.eta > 0
+            and self.alpha > 0
+            and not self._warned_zero
+            and noisy_logits.numel() > 0  # an empty batch, or all positions masked, gives 0
+            and (mask is None or bool(mask.any()))
+        ):
             self._warned_zero = True
             where = self.stacks[0].path or ",".join(self.stacks[0].names)
             warnings.warn(
