@@ -67,10 +67,11 @@ class Spec:
     stack_path: tuple[str, ...]
     distractors: tuple[tuple[str, tuple[str, ...], int], ...]  # (kind, path, length)
     seed: int
+    wrapped: bool = False  # the stack is item 0 of a heterogeneous Sequential(stack, LayerNorm)
 
     @property
     def path(self) -> str:
-        return ".".join(self.stack_path)
+        return ".".join(self.stack_path) + (".0" if self.wrapped else "")
 
     def paths(self, kind: str) -> list[str]:
         return [".".join(p) for k, p, _ in self.distractors if k == kind]
@@ -179,8 +180,12 @@ class GeneratedModel(nn.Module):
         self.spec = spec
         self.embed = nn.Embedding(VOCAB, dim)
         stack = _container(spec.container, [_block(spec.block, dim) for _ in range(spec.depth)])
-        _place(self, spec.stack_path, stack)
-        object.__setattr__(self, "stack", stack)  # registered at its path only
+        _place(
+            self,
+            spec.stack_path,
+            nn.Sequential(stack, nn.LayerNorm(dim)) if spec.wrapped else stack,
+        )
+        object.__setattr__(self, "_real_stack", stack)  # registered at its path only
         self.extras: dict[str, nn.Module] = {}
         for kind, path, length in spec.distractors:
             module = self._distractor(kind, dim, length)
@@ -223,13 +228,15 @@ class GeneratedModel(nn.Module):
             probe = x
             for block in self.extras["aux_stack"]:
                 probe = block(probe)
-        blocks = _members(self.stack)
+        stack = self._real_stack
+        blocks = _members(stack)
         if spec.call == "whole":
-            x = self._adapt(self.stack(x), 0)
+            whole = self.get_submodule(".".join(spec.stack_path)) if spec.wrapped else stack
+            x = self._adapt(whole(x), 0)
         elif spec.call == "index":
-            keys = list(self.stack.keys()) if isinstance(self.stack, nn.ModuleDict) else None
+            keys = list(stack.keys()) if isinstance(stack, nn.ModuleDict) else None
             for i in range(len(blocks)):
-                block = self.stack[keys[i]] if keys else self.stack[i]
+                block = stack[keys[i]] if keys else stack[i]
                 x = self._adapt(self._run_block(block, x), i, i + 1)
         else:
             for i, block in enumerate(blocks):
@@ -303,6 +310,7 @@ def specs(
         block=draw(st.sampled_from(blocks)),
         head=draw(st.sampled_from(HEADS_KINDS)),
         stack_path=stack_path,
+        wrapped=call == "whole" and draw(st.booleans()),
         distractors=tuple(chosen),
         seed=draw(st.integers(0, 2**16)),
     )

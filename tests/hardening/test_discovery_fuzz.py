@@ -128,18 +128,7 @@ class SequenceFirst(torch.nn.Module):
         return self.head(x.mean(0))
 
 
-@pytest.mark.parametrize(
-    "form",
-    [
-        pytest.param(
-            "call",
-            marks=pytest.mark.xfail(
-                strict=True, reason="core bug: before settling, noise assumes batch_dim=0"
-            ),
-        ),
-        "pair",
-    ],
-)
+@pytest.mark.parametrize("form", ["call", "pair"])
 def test_the_first_noise_is_scaled_per_example_while_the_stack_is_unsettled(form):
     # Before a forward shows which candidate runs, the noise must still be scaled per example
     # along the batch dimension of the stack that fires (dim 1 here), not per position.
