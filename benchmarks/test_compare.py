@@ -23,6 +23,11 @@ def test_compare_smoke(tmp_path):
     assert bert["prefix_reused"] == 1.0
     text = "\n".join(lines)
     assert "| RAPT (pair, layers 1-3) |" in text and "RAPT step / SMART(k=1) step" in text
+    # The saved figures alone give the same report and a new plot.
+    again = []
+    argv = ["--from-json", str(tmp_path / "figures.json"), "--plot", str(tmp_path / "re.png")]
+    compare.main(argv, log=again.append)
+    assert again[-2:-1] == lines[-2:-1] and (tmp_path / "re.png").stat().st_size > 1000
 
 
 def test_rapt_floor_is_the_issue_arithmetic():
