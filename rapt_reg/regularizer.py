@@ -145,13 +145,7 @@ class RandomPerturbationRegularizer:
             self.stacks = [resolve_blocks(model, blocks)]
         else:
             self.stacks = find_block_stacks(model, prefer=prefer)
-        depth = max(s.calls_per_forward for s in self.stacks)
-        if max_layer > depth:
-            raise RaptRegError(
-                f"max_layer={max_layer} but the model has {depth} blocks "
-                f"({', '.join(repr(s.path or s.names[0]) for s in self.stacks)}): use "
-                f"max_layer <= {depth}"
-            )
+        self._check_max_layer()
         self._hooks = StackHooks(
             [s.blocks for s in self.stacks], [s.batch_dim for s in self.stacks]
         )
@@ -364,6 +358,17 @@ class RandomPerturbationRegularizer:
         if p.stack is not None and len(self.stacks) > 1:
             self._hooks.keep_only(p.stack)
             self.stacks = [self.stacks[p.stack]]
+            self._check_max_layer()
+
+    def _check_max_layer(self) -> None:
+        """Refuse a max_layer beyond the deepest candidate (again once one stack is known)."""
+        depth = max(s.calls_per_forward for s in self.stacks)
+        if self.max_layer > depth:
+            raise RaptRegError(
+                f"max_layer={self.max_layer} but the model has {depth} blocks "
+                f"({', '.join(repr(s.path or s.names[0]) for s in self.stacks)}): use "
+                f"max_layer <= {depth}"
+            )
 
     def _verify(self, p: Pass) -> None:
         if p.applied:
