@@ -204,7 +204,7 @@ def _stack_table(results: list[Result]) -> list[str]:
             if r.properties:
                 result += " " + ", ".join(f"{k} = {v}" for k, v in r.properties.items())
             if r.outcome in ("xfailed", "skipped"):
-                result += f" {r.reason}"
+                result += f"; {r.reason}" if r.properties else f" {r.reason}"
             variant = f"`{r.params}`" if r.params else ""
             lines.append(f"| {stack} | {_humanize(r.function)} | {variant} | {result} |")
     return lines

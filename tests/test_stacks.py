@@ -247,8 +247,8 @@ def test_checkpoint_around_each_block_gives_the_same_gradients(mode: str, form: 
 
 @pytest.mark.xfail(
     strict=True,
-    reason="core: pair() under a reentrant checkpoint does not reuse the clean prefix, so with "
-    "dropout on its gradients differ from pair() without checkpointing",
+    reason="core limitation: pair() under a reentrant checkpoint cannot reuse the clean prefix "
+    "(grad is off inside), so with dropout on it equals reg(...), not pair() unwrapped",
 )
 def test_reentrant_checkpoint_pair_matches_pair_without_checkpointing() -> None:
     _assert_grads_equal(_checkpoint_run("reentrant", 2, "pair"), _checkpoint_run(None, 2, "pair"))
@@ -426,8 +426,10 @@ def test_fifty_compiled_steps_recompile_at_most_max_layer_plus_one(
 
 @pytest.mark.xfail(
     strict=True,
-    reason="core: the hooks branch on the pass's Python ints (calls, layer, len(saved)), so "
-    "dynamo recompiles the hook frames per combination: pair() and layer 0 exceed the bound",
+    reason="core: pair()'s clean pass records block outputs while compiling (guards on "
+    "len(saved)), though reuse is off under compile; at layer 0 the graph break at _sample "
+    "inside the first block's pre-hook makes the hook a frame guarded on each module and the "
+    "pass counters",
 )
 @pytest.mark.parametrize(("form", "min_layer"), [("pair", 1), ("call", 0)])
 def test_fifty_compiled_steps_recompile_bound_pair_and_layer_zero(
