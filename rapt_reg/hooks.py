@@ -254,7 +254,9 @@ class StackHooks:
             return None
         k = p.calls
         if p.perturb is None:
-            if p.saved is not None and 1 <= k <= p.layer:
+            # Under dynamo the noisy pass recomputes the prefix anyway (see _can_reuse), and
+            # recording would make the graph depend on r: one recompile per layer.
+            if p.saved is not None and 1 <= k <= p.layer and not torch.compiler.is_compiling():
                 p.saved[k] = output
             return None
         replaced = False
