@@ -28,6 +28,31 @@ Perturb = Callable[[torch.Tensor, int], torch.Tensor]
 
 
 @dataclass
+class _Replay:
+    """What a recomputation in backward needs to add one noisy pass's noise again.
+
+    ``inputs[k - 1]`` is a weak reference to the hidden states that entered call ``k`` of the
+    noisy pass (calls ``1..max(layer, 1)``): a checkpointed region whose recomputation starts
+    from one of them is that pass's, and the noise goes back in at ``layer``.
+    """
+
+    layer: int
+    perturb: Perturb
+    batch_dim: int = 0
+    inputs: list[Optional[weakref.ref]] = field(default_factory=list)
+
+    def live(self) -> bool:
+        return any(ref is not None and ref() is not None for ref in self.inputs)
+
+    def call_of(self, hidden: torch.Tensor) -> Optional[int]:
+        for k, ref in enumerate(self.inputs, start=1):
+            recorded = ref() if ref is not None else None
+            if recorded is not None and _same_tensor_data(hidden, recorded):
+                return k
+        return None
+
+
+@dataclass
 class Pass:
     """One armed forward pass: what to do, and what the hooks saw.
 
@@ -59,6 +84,8 @@ class Pass:
     output: Any = None
     grad_enabled: bool = field(default_factory=torch.is_grad_enabled)
     _reusing_call: bool = False
+    _reuse: Optional[bool] = None
+    _replay: Optional[_Replay] = None
 
 
 def input_hidden(args: tuple, kwargs: dict) -> Optional[torch.Tensor]:
@@ -154,11 +181,14 @@ class StackHooks:
         self._stack_of: dict[int, int] = {}
         self._handles: Optional[dict[int, list[RemovableHandle]]] = {}
         self._pass: Optional[Pass] = None
-        # Noise added to a block's *input* (layer 0) runs inside the block's call; if the user
-        # wraps that call in torch.utils.checkpoint, the recomputation in backward must add
-        # the same noise again. Kept: the perturbed input (weakly) and the deterministic
-        # perturbation that made the noise (not the noise itself).
-        self._replay: Optional[tuple[weakref.ref, Perturb, int]] = None
+        # Noise is added inside block calls. If the user wraps calls in torch.utils.checkpoint,
+        # the recomputation in backward runs these hooks again, idle: it must add the same
+        # noise again. Kept per pending noisy pass: the inputs of its first calls (weakly) and
+        # the deterministic perturbation (not the noise). _chain follows one recomputation
+        # from call to call: (replay, call), and the recomputed output it handed on.
+        self._replays: list[_Replay] = []
+        self._chain: Optional[tuple[_Replay, int]] = None
+        self._chain_output: Optional[weakref.ref] = None
         for index, blocks in enumerate(stacks):
             handles = self._handles.setdefault(index, [])
             for block in blocks:
@@ -183,7 +213,11 @@ class StackHooks:
                 "regularizer: call it once per step, outside the model's forward"
             )
         if p.perturb is not None:
-            self._replay = None
+            self._replays = [r for r in self._replays if r.live()]
+            if not torch.compiler.is_compiling():
+                p._replay = _Replay(p.layer, p.perturb)
+                self._replays.append(p._replay)
+        self._chain = self._chain_output = None
         self._pass = p
         try:
             yield p
@@ -207,7 +241,8 @@ class StackHooks:
             for handle in handles:
                 handle.remove()
         self._handles = None
-        self._replay = None
+        self._replays = []
+        self._chain = self._chain_output = None
         self._pass = None
 
     # -- the hooks ---------------------------------------------------------------------------
@@ -215,7 +250,7 @@ class StackHooks:
     def _pre(self, module: nn.Module, args: tuple, kwargs: dict) -> Optional[tuple[tuple, dict]]:
         p = self._pass
         if p is None:
-            return self._replayed(args, kwargs)
+            return self._replay_pre(args, kwargs)
         index = self._stack_of[id(module)]
         if p.stack is None:
             p.stack = index
@@ -225,6 +260,13 @@ class StackHooks:
             return None
         p.calls += 1
         p._reusing_call = False
+        if p._replay is not None and p.calls <= max(p.layer, 1):
+            hidden = input_hidden(args, kwargs)
+            # Only hidden states computed in this forward identify it: a tensor the caller
+            # passed in (no grad_fn) is the clean pass's input too.
+            known = hidden is not None and hidden.grad_fn is not None
+            p._replay.inputs.append(weakref.ref(hidden) if known else None)
+            p._replay.batch_dim = self._batch_dims[index]
         if p.perturb is None or p.applied:
             return None
         if p.layer == 0 and p.calls == 1:
@@ -234,11 +276,12 @@ class StackHooks:
                     f"the first block ({type(module).__name__}) was called without a tensor "
                     "argument, so there are no hidden states to perturb at layer 0"
                 )
-            delta = self._apply(p, hidden)
-            if not torch.compiler.is_compiling():
-                self._replay = (weakref.ref(hidden), p.perturb, self._batch_dims[p.stack])
-            return _replace_input(args, kwargs, hidden + delta)
-        if p.saved is not None and p.calls in p.saved and self._can_reuse(p):
+            return _replace_input(args, kwargs, hidden + self._apply(p, hidden))
+        if p.saved is not None and p.calls in p.saved:
+            if p._reuse is None:  # decided once per pass: a prefix is reused whole or not at all
+                p._reuse = self._can_reuse(p)
+            if not p._reuse:
+                return None
             batch = _batch_size(args, kwargs)
             if batch is not None:
                 # The recorded clean output replaces this call's output (see _post), so the
@@ -250,7 +293,9 @@ class StackHooks:
 
     def _post(self, module: nn.Module, args: tuple, output: Any) -> Any:
         p = self._pass
-        if p is None or p.stack != self._stack_of[id(module)] or p.others:
+        if p is None:
+            return self._replay_post(output)
+        if p.stack != self._stack_of[id(module)] or p.others:
             return None
         k = p.calls
         if p.perturb is None:
@@ -279,20 +324,56 @@ class StackHooks:
     def _can_reuse(self, p: Pass) -> bool:
         # Not under a reentrant checkpoint (grad off inside it) nor while dynamo traces (the
         # compiled graph recomputes the prefix anyway), nor for sequence-first layouts.
+        # Nor inside a non-reentrant checkpoint (saved-tensor hooks are active): its
+        # recomputation would run the cut inputs without the recorded outputs.
         assert p.stack is not None
         return (
             self._batch_dims[p.stack] == 0
             and torch.is_grad_enabled() == p.grad_enabled
             and not torch.compiler.is_compiling()
+            and torch._C._autograd._top_saved_tensors_default_hooks(False) is None
         )
 
-    def _replayed(self, args: tuple, kwargs: dict) -> Optional[tuple[tuple, dict]]:
-        if torch.compiler.is_compiling() or self._replay is None:
+    def _in_recomputation(self) -> bool:
+        # Hooks firing inside backward: a checkpointed region being recomputed.
+        return (
+            not torch.compiler.is_compiling()
+            and bool(self._replays)
+            and torch._C._current_graph_task_id() != -1
+        )
+
+    def _replay_pre(self, args: tuple, kwargs: dict) -> Optional[tuple[tuple, dict]]:
+        if not self._in_recomputation():
             return None
-        if torch._C._current_graph_task_id() == -1:  # not inside backward: a real forward
+        hidden = input_hidden(args, kwargs)
+        chain, self._chain = self._chain, None
+        if hidden is None:
             return None
-        ref, perturb, batch_dim = self._replay
-        original, hidden = ref(), input_hidden(args, kwargs)
-        if original is None or hidden is None or not _same_tensor_data(hidden, original):
+        handed_on = self._chain_output() if self._chain_output is not None else None
+        if chain is not None and handed_on is not None and _same_tensor_data(hidden, handed_on):
+            self._chain = (chain[0], chain[1] + 1)  # the next call of the same recomputation
+        else:
+            for replay in reversed(self._replays):
+                k = replay.call_of(hidden)
+                if k is not None:
+                    self._chain = (replay, k)
+                    break
+        if self._chain is None:
             return None
-        return _replace_input(args, kwargs, hidden + perturb(hidden, batch_dim))
+        replay, k = self._chain
+        if replay.layer == 0 and k == 1:
+            return _replace_input(args, kwargs, hidden + replay.perturb(hidden, replay.batch_dim))
+        return None
+
+    def _replay_post(self, output: Any) -> Any:
+        if self._chain is None or not self._in_recomputation():
+            return None
+        replay, k = self._chain
+        result = None
+        if k == replay.layer:
+            hidden = output_hidden(output)
+            result = replace_output_hidden(
+                output, hidden + replay.perturb(hidden, replay.batch_dim)
+            )
+        self._chain_output = weakref.ref(output_hidden(output if result is None else result))
+        return result

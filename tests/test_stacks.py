@@ -235,44 +235,34 @@ def test_checkpoint_around_each_block_gives_the_same_gradients(mode: str, form: 
     inside the first block's call, is replayed) or none where that is equivalent (r >= 1, added
     to the checkpoint's output).
 
-    Under a reentrant checkpoint ``pair`` cannot reuse the clean prefix (grad is off inside),
-    so its noisy pass recomputes the prefix with its own dropout masks, exactly as ``reg(...)``
-    does: it is compared with ``reg(...)`` without checkpointing.
+    Inside a checkpoint ``pair`` does not reuse the clean prefix (a reentrant one turns grad
+    off, a non-reentrant one would recompute the cut inputs), so its noisy pass recomputes the
+    prefix with its own dropout masks, exactly as ``reg(...)`` does: it is compared with
+    ``reg(...)`` without checkpointing.
     """
-    reference_form = "call" if (mode, form) == ("reentrant", "pair") else form
+    reference_form = "call"
     for layer in range(5):
         expected = _checkpoint_run(None, layer, reference_form)
         _assert_grads_equal(_checkpoint_run(mode, layer, form), expected)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="core limitation: pair() under a reentrant checkpoint cannot reuse the clean prefix "
-    "(grad is off inside), so with dropout on it equals reg(...), not pair() unwrapped",
-)
-def test_reentrant_checkpoint_pair_matches_pair_without_checkpointing() -> None:
-    _assert_grads_equal(_checkpoint_run("reentrant", 2, "pair"), _checkpoint_run(None, 2, "pair"))
-
-
-@pytest.mark.xfail(
-    strict=True,
-    reason="core: noise added at block r's output inside a checkpoint that spans later blocks "
-    "is not replayed during recomputation, so those blocks' gradients are silently wrong",
-)
+@pytest.mark.parametrize("form", ["call", "pair"])
 @pytest.mark.parametrize("mode", ["segments_reentrant", "segments_non_reentrant"])
-def test_checkpoint_spanning_several_blocks_gives_the_same_gradients(mode: str) -> None:
-    _assert_grads_equal(_checkpoint_run(mode, 1, "call"), _checkpoint_run(None, 1, "call"))
+def test_checkpoint_spanning_several_blocks_gives_the_same_gradients(mode: str, form: str) -> None:
+    """Noise added inside a region that spans later blocks is added again when it is recomputed.
+
+    Inside a checkpoint, ``pair`` cannot reuse the prefix: it equals ``reg(...)`` unwrapped.
+    """
+    for layer in range(5):
+        expected = _checkpoint_run(None, layer, "call")
+        _assert_grads_equal(_checkpoint_run(mode, layer, form), expected)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="core: StackHooks keeps one layer-0 replay, so the first of two noisy passes "
-    "before one backward is recomputed without its noise",
-)
-def test_checkpoint_with_two_noisy_passes_before_backward() -> None:
+@pytest.mark.parametrize("layer", [0, 2])
+def test_checkpoint_with_two_noisy_passes_before_backward(layer: int) -> None:
     _assert_grads_equal(
-        _checkpoint_run("non_reentrant", 0, "call", passes=2),
-        _checkpoint_run(None, 0, "call", passes=2),
+        _checkpoint_run("segments_non_reentrant", layer, "call", passes=2),
+        _checkpoint_run(None, layer, "call", passes=2),
     )
 
 
@@ -424,21 +414,7 @@ def test_fifty_compiled_steps_recompile_at_most_max_layer_plus_one(
     assert penalties == pytest.approx(eager, rel=1e-4)
 
 
-@pytest.mark.parametrize(
-    ("form", "min_layer"),
-    [
-        ("pair", 1),
-        pytest.param(
-            "call",
-            0,
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="core: at layer 0 the graph break at _sample inside the first block's "
-                "pre-hook makes the hook a frame guarded on each module and the pass counters",
-            ),
-        ),
-    ],
-)
+@pytest.mark.parametrize(("form", "min_layer"), [("pair", 1), ("call", 0)])
 def test_fifty_compiled_steps_recompile_bound_pair_and_layer_zero(
     recompiles: _RecompileCounter,
     record_property: Callable[[str, object], None],
