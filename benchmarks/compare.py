@@ -328,7 +328,7 @@ def table(result: ModelResult) -> str:
 def goals(bert: ModelResult, hooks: dict[str, float], found: dict[str, float]) -> list[str]:
     def line(name: str, value: float, goal: float, unit: str = "") -> str:
         mark = "met" if value <= goal else f"MISSED by {value - goal:.2g}{unit}"
-        return f"- {name}: {value:.3f}{unit} (goal ≤ {goal:g}{unit}): {mark}"
+        return f"- {name}: {value:.4g}{unit} (goal ≤ {goal:g}{unit}): {mark}"
 
     lines = []
     if "rapt" in bert.seconds:
@@ -340,9 +340,10 @@ def goals(bert: ModelResult, hooks: dict[str, float], found: dict[str, float]) -
         lines.append(line("RAPT step / SMART(k=1) step", ratio, GOALS["rapt_vs_smart"]))
     lines += [
         line(
-            "idle hooks, per forward (bound from hook cost)",
-            hooks["bound_overhead"],
-            GOALS["idle_hooks"],
+            "idle hooks, share of a forward (their measured cost)",
+            100 * hooks["bound_overhead"],
+            100 * GOALS["idle_hooks"],
+            "%",
         ),
         f"  (the idle hooks cost {hooks['hook_cost_us']:.1f} µs per forward; timing whole "
         f"forwards with and without them gives {100 * hooks['measured_overhead']:+.2f}% of "
