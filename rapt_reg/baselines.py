@@ -343,8 +343,8 @@ class SmartRegularizer(_EmbeddingNoiseRegularizer):
             noisy_forward: Zero-argument callable running the model on the batch that
                 produced ``clean_output``; it is called ``k + 1`` times.
             clean_output: The clean forward's output (a tensor or has ``.logits``).
-            mask: Optional ``[...]`` mask over the leading dims of the logits; masked positions
-                count neither in the ascent loss nor in the penalty.
+            mask: Optional boolean ``[...]`` mask over the leading dims of the logits; positions
+                where it is false count neither in the ascent loss nor in the penalty.
 
         Returns:
             ``alpha * divergence(noisy, clean)``; zero when the model is in eval mode or the
@@ -369,22 +369,18 @@ class SmartRegularizer(_EmbeddingNoiseRegularizer):
                         "the noisy output does not depend on the noise (no gradient): does "
                         "noisy_forward run the model under torch.no_grad()?"
                     )
-                work = torch.promote_types(noisy_logits.dtype, torch.float32)
-                values = self.ascent_divergence(noisy_logits.to(work), target.to(work))
-                if mask is not None:
-                    if mask.shape != values.shape:
-                        raise RaptRegError(
-                            f"mask has shape {tuple(mask.shape)} but the outputs' leading "
-                            f"dimensions are {tuple(values.shape)}: pass one entry per position"
-                        )
-                    values = values * mask.to(values.dtype)
-                ascent = values.sum()
-                (grad,) = torch.autograd.grad(ascent, noise.value)
+                # MT-DNN sums the ascent loss over examples (reduce=False); the core's reduction
+                # (masked positions left out, float32) averages, so scale back to a sum.
+                mean = div.reduce_divergence(self.ascent_divergence, noisy_logits, target, mask)
+                positions = noisy_logits.shape[:-1].numel() if mask is None else mask.bool().sum()
+                leaf = noise.value
+                assert leaf is not None  # the pass was verified to have added it
+                (grad,) = torch.autograd.grad(mean * positions, leaf)
             if not bool(torch.isfinite(grad.norm())):
                 self.skipped_steps += 1
                 return self._zero(clean_logits)
             with torch.no_grad():
-                noise.value = self._project(noise.value + self.step_size * grad)
+                noise.value = self._project(leaf + self.step_size * grad)
             noise.value.requires_grad_()  # the next ascent pass differentiates with respect to it
         noisy = self._noisy_pass(noisy_forward, noise, ascent=False)
         noisy_logits = logits_of(noisy)

@@ -358,6 +358,26 @@ def test_noise_that_never_reaches_the_model_is_an_error(make):
         reg(lambda: torch.zeros(BATCH, 3, dtype=torch.float64, requires_grad=True), model(ids))
 
 
+@pytest.mark.parametrize("make", REGULARIZERS.values(), ids=REGULARIZERS.keys())
+def test_masked_positions_never_reach_the_penalty(make):
+    # Token-level logits that are NaN at padding: the mask keeps them out of SMART's ascent
+    # loss and of both penalties, and out of every gradient.
+    torch.manual_seed(0)
+    model = TinyTransformer(depth=2, dim=16, heads=2, token_level=True).double().train()
+    ids, keep = _ids(), torch.ones(BATCH, SEQ, dtype=torch.bool)
+    keep[:, -2:] = False
+
+    def forward():
+        return torch.where(keep[..., None], model(ids), float("nan"))
+
+    with make(model, nonfinite="raise") as reg:
+        clean, penalty = reg.pair(forward, mask=keep)
+        penalty.backward()
+        assert reg.skipped_steps == 0
+    assert torch.isfinite(penalty) and float(penalty.detach()) > 0
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
 BAD_ARGUMENTS = {
     "smart-k": (SmartRegularizer, dict(k=-1), "k"),
     "smart-norm": (SmartRegularizer, dict(norm="l3"), "norm"),
