@@ -564,6 +564,9 @@ def format_table(rows: Sequence[MethodSummary], perturbation: str) -> str:
 def plot_summary(rows: Sequence[MethodSummary], perturbation: str, path: Path, title: str) -> None:
     """Draw the table as three bar charts (error bars: std over seeds) into a PNG.
 
+    The third panel is the time per step relative to standard fine-tuning when standard was
+    run (the ratio is steadier than absolute times on a busy machine), else in milliseconds.
+
     Args:
         rows: From :func:`summarize`.
         perturbation: Name of the test-time perturbation, for the second panel's title.
@@ -576,33 +579,41 @@ def plot_summary(rows: Sequence[MethodSummary], perturbation: str, path: Path, t
     import matplotlib.pyplot as plt
 
     labels = [r.label for r in rows]
-    colors = ["#7f7f7f", "#1f77b4", "#2ca02c", "#d62728"]
-    colors = [colors[list(METHODS).index(r.method) % len(colors)] for r in rows]
+    palette = ["#7f7f7f", "#1f77b4", "#2ca02c", "#d62728"]
+    colors = [palette[list(METHODS).index(r.method) % len(palette)] for r in rows]
+    ratios = [r.time_ratio for r in rows]
+    if all(ratio is not None for ratio in ratios):
+        timing = ("Time per step (× standard)", ratios, 1, "{:.2f}×")
+    else:
+        timing = ("Median time per step (ms)", [r.step_time for r in rows], 1000, "{:.0f}")
     panels = [
         ("Held-out accuracy (%)", [r.accuracy for r in rows], 100, "{:.1f}"),
         (f"Accuracy, {perturbation} (%)", [r.perturbed_accuracy for r in rows], 100, "{:.1f}"),
-        ("Median time per step (ms)", [r.step_time for r in rows], 1000, "{:.0f}"),
+        timing,
     ]
     fig, axes = plt.subplots(1, 3, figsize=(12, 3.8))
     for ax, (name, pairs, scale, fmt) in zip(axes, panels):
         means = [scale * m for m, _ in pairs]
         stds = [scale * s for _, s in pairs]
-        bars = ax.bar(labels, means, yerr=stds, capsize=4, color=colors)
+        bars = ax.bar(labels, means, yerr=stds, capsize=4, color=colors, ecolor="black")
         ax.set_title(name, fontsize=10)
         ax.tick_params(axis="x", labelrotation=20, labelsize=8)
-        for rect, value in zip(bars, means):
-            ax.annotate(
-                fmt.format(value),
-                (rect.get_x() + rect.get_width() / 2, rect.get_height()),
-                ha="center",
-                va="bottom",
-                fontsize=8,
-                xytext=(0, 2),
-                textcoords="offset points",
-            )
         if scale == 100:
             low = min(m - s for m, s in zip(means, stds))
-            ax.set_ylim(max(0.0, low - 10), min(100.0, max(m + s for m, s in zip(means, stds)) + 5))
+            ax.set_ylim(max(0.0, low - 10), min(100.0, max(m + s for m, s in zip(means, stds)) + 3))
+        bottom = ax.get_ylim()[0]
+        for rect, value in zip(bars, means):
+            # Inside the bar, halfway up its visible part, clear of the error bar's caps.
+            ax.text(
+                rect.get_x() + rect.get_width() / 2,
+                bottom + (value - bottom) / 2,
+                fmt.format(value),
+                ha="center",
+                va="center",
+                fontsize=9,
+                color="white",
+                fontweight="bold",
+            )
     fig.suptitle(title, fontsize=11)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
