@@ -2,21 +2,25 @@
 
 >>> import rapt_reg
 >>> sorted(rapt_reg.__all__)[:3]
-['BlockDiscoveryError', 'BlockStack', 'RandomPerturbationRegularizer']
+['BlockDiscoveryError', 'BlockStack', 'PerturbationRegularizer']
 """
 
+from .baselines import R3FRegularizer, SmartRegularizer
 from .discovery import BlockDiscoveryError, BlockStack, find_transformer_blocks
 from .errors import RaptRegError
 from .noise import sample_noise, scale_noise
-from .regularizer import RandomPerturbationRegularizer
+from .regularizer import PerturbationRegularizer, RandomPerturbationRegularizer
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BlockDiscoveryError",
     "BlockStack",
+    "PerturbationRegularizer",
+    "R3FRegularizer",
     "RandomPerturbationRegularizer",
     "RaptRegError",
+    "SmartRegularizer",
     "__version__",
     "find_transformer_blocks",
     "sample_noise",

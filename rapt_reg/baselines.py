@@ -16,9 +16,6 @@ Both take ``reg(noisy_forward, clean_output, mask=None)`` and ``reg.pair(forward
 
 from __future__ import annotations
 
-import abc
-import math
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Union
@@ -28,10 +25,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import divergence as div
-from .discovery import BlocksSpec, ambiguity_error, find_block_stacks, resolve_blocks, unwrap_model
+from .discovery import BlocksSpec, unwrap_model
 from .errors import RaptRegError
-from .hooks import Pass, StackHooks
-from .regularizer import NONFINITE_POLICIES, Output, logits_of
+from .hooks import Pass
+from .regularizer import Output, PerturbationRegularizer, check_number, logits_of
 
 SMART_NORMS = ("inf", "l2")
 R3F_NOISE = ("uniform", "normal")
@@ -66,157 +63,7 @@ def sym_kl_both_sides(noisy: torch.Tensor, clean: torch.Tensor) -> torch.Tensor:
     ).sum(-1)
 
 
-def _check_positive(name: str, value: float, *, allow_zero: bool = True) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise RaptRegError(f"{name} must be a number, got {value!r}")
-    if not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
-        bound = ">= 0" if allow_zero else "> 0"
-        raise RaptRegError(f"{name} must be finite and {bound}, got {value!r}")
-    return float(value)
-
-
-class _EmbeddingNoiseRegularizer(abc.ABC):
-    """What SMART and R3F share: arguments, seeding, eval mode, ``pair``, lifetime, stats."""
-
-    _prefix = "baseline"
-
-    def __init__(
-        self,
-        model: nn.Module,
-        *,
-        alpha: float,
-        divergence: Union[str, Callable[..., torch.Tensor]],
-        generator: Optional[torch.Generator],
-        nonfinite: str,
-    ) -> None:
-        if isinstance(model, type) or not isinstance(model, nn.Module):
-            raise RaptRegError(
-                f"model must be an nn.Module instance, got {model!r}"
-                + (": instantiate it first" if isinstance(model, type) else "")
-            )
-        if nonfinite not in NONFINITE_POLICIES:
-            raise RaptRegError(f"unknown nonfinite={nonfinite!r}: use one of {NONFINITE_POLICIES}")
-        if generator is not None and generator.device.type != "cpu":
-            raise RaptRegError("generator must be a CPU torch.Generator (noise is seeded from it)")
-        self.model = model
-        self.alpha = _check_positive("alpha", alpha)
-        self.divergence = div.resolve(divergence)
-        self.generator = generator
-        self.nonfinite = nonfinite
-        self.skipped_steps = 0
-        self._seed = 0
-        self._noise_generators: dict[torch.device, torch.Generator] = {}
-        self._warned_eval = False
-        self._last_noise_ratio: Optional[torch.Tensor] = None
-
-    # -- public API shared by both ------------------------------------------------------------
-
-    def pair(
-        self, forward: Callable[[], Output], *, mask: Optional[torch.Tensor] = None
-    ) -> tuple[Output, torch.Tensor]:
-        """Run the clean pass, then the regularizer's noisy passes; nothing is reused.
-
-        Args:
-            forward: Zero-argument callable running the model on the batch.
-            mask: As in ``__call__``.
-
-        Returns:
-            ``(clean_output, penalty)``.
-        """
-        if not callable(forward):
-            raise RaptRegError(
-                "forward must be a zero-argument callable: pass lambda: model(**batch)"
-            )
-        clean_output = forward()
-        return clean_output, self(forward, clean_output, mask=mask)
-
-    def stats(self) -> dict[str, float]:
-        """Telemetry for logging: noise-to-hidden norm ratio of the last pass, skipped steps."""
-        ratio = float("nan") if self._last_noise_ratio is None else float(self._last_noise_ratio)
-        return {
-            f"{self._prefix}/noise_to_hidden_ratio": ratio,
-            f"{self._prefix}/skipped_steps": float(self.skipped_steps),
-        }
-
-    @abc.abstractmethod
-    def remove(self) -> None:
-        """Remove every hook; the model is exactly as before. Safe to call twice."""
-
-    def __enter__(self) -> Any:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.remove()
-
-    @abc.abstractmethod
-    def __call__(
-        self,
-        noisy_forward: Callable[[], Output],
-        clean_output: Output,
-        *,
-        mask: Optional[torch.Tensor] = None,
-    ) -> torch.Tensor:
-        """The penalty for one step (see the subclasses)."""
-
-    # -- internals ----------------------------------------------------------------------------
-
-    def _check_call(self, noisy_forward: Callable[[], Output]) -> None:
-        if not callable(noisy_forward):
-            raise RaptRegError(
-                "noisy_forward must be a zero-argument callable, got "
-                f"{type(noisy_forward).__name__}: pass lambda: model(**batch)"
-            )
-
-    def _eval_penalty(self, clean_logits: torch.Tensor) -> torch.Tensor:
-        if not self._warned_eval:
-            warnings.warn(
-                f"the model is in eval mode: {type(self).__name__} adds noise only in training "
-                "mode, so the penalty is 0 (call model.train() to regularize). This is said once.",
-                stacklevel=3,
-            )
-            self._warned_eval = True
-        return self._zero(clean_logits)
-
-    @staticmethod
-    def _zero(logits: torch.Tensor) -> torch.Tensor:
-        return logits.new_zeros((), dtype=torch.promote_types(logits.dtype, torch.float32))
-
-    def _draw_seed(self) -> None:
-        # Drawn before any forward, so nothing inside the forward consumes the global RNG
-        # (dropout masks stay those of a run without the regularizer), as RAPT does.
-        self._seed = int(torch.randint(0, 2**62, (), generator=self.generator))
-
-    def _noise_source(self, device: torch.device) -> torch.Generator:
-        gen = self._noise_generators.get(device)
-        if gen is None:
-            gen = self._noise_generators[device] = torch.Generator(device=device)
-        gen.manual_seed(self._seed)
-        return gen
-
-    def _check_output(self, noisy_logits: torch.Tensor, clean_logits: torch.Tensor) -> None:
-        if torch.is_grad_enabled() and not (
-            noisy_logits.requires_grad or clean_logits.requires_grad
-        ):
-            raise RaptRegError(
-                "neither output requires grad, so the penalty cannot train anything: are the "
-                "parameters frozen, or was the clean pass run under torch.no_grad()? "
-                "(To only log the penalty, call the regularizer under torch.no_grad().)"
-            )
-
-    def _finish(self, penalty: torch.Tensor) -> torch.Tensor:
-        if bool(torch.isfinite(penalty)):
-            return penalty
-        if self.nonfinite == "skip":
-            self.skipped_steps += 1
-            return penalty.new_zeros(())
-        raise RaptRegError(
-            f"the {type(self).__name__} penalty is {penalty.item()}: the noisy or the clean "
-            "output holds NaN/inf (check the clean loss and the learning rate, lower the noise, "
-            "or pass nonfinite='skip' to skip such steps)."
-        )
-
-
-class SmartRegularizer(_EmbeddingNoiseRegularizer):
+class SmartRegularizer(PerturbationRegularizer):
     """SMART's smoothness-inducing adversarial regularizer, as MT-DNN's ``SmartPerturbation``.
 
     Each call perturbs the embedding output (layer 0: the hidden states entering the first
@@ -284,7 +131,8 @@ class SmartRegularizer(_EmbeddingNoiseRegularizer):
         True
     """
 
-    _prefix = "smart"
+    _stats_prefix = "smart"
+    _noise_knob = "step_size or noise_var"
 
     def __init__(
         self,
@@ -312,9 +160,9 @@ class SmartRegularizer(_EmbeddingNoiseRegularizer):
         if norm not in SMART_NORMS:
             raise RaptRegError(f"unknown norm {norm!r}: use one of {SMART_NORMS}")
         self.k = k
-        self.step_size = _check_positive("step_size", step_size)
-        self.noise_var = _check_positive("noise_var", noise_var)
-        self.epsilon = _check_positive("epsilon", epsilon)
+        self.step_size = check_number("step_size", step_size)
+        self.noise_var = check_number("noise_var", noise_var)
+        self.epsilon = check_number("epsilon", epsilon)
         self.norm, self.per_sequence = norm, bool(per_sequence)
         if ascent_divergence is None:
             plain = divergence == "mse" or callable(divergence)
@@ -322,13 +170,8 @@ class SmartRegularizer(_EmbeddingNoiseRegularizer):
         self.ascent_divergence = (
             stable_kl if ascent_divergence == "stable_kl" else div.resolve(ascent_divergence)
         )
-        if blocks is not None:
-            self.stacks = [resolve_blocks(model, blocks)]
-        else:
-            self.stacks = find_block_stacks(model, prefer=prefer)
-        self._hooks = StackHooks(
-            [s.blocks for s in self.stacks], [s.batch_dim for s in self.stacks]
-        )
+        self._hooks = self._find_stacks(blocks, prefer)
+        self._seed = 0
 
     def __call__(
         self,
@@ -354,11 +197,11 @@ class SmartRegularizer(_EmbeddingNoiseRegularizer):
             RaptRegError: if the noise did not reach the model or the penalty is not finite
                 (with ``nonfinite="raise"``).
         """
-        self._check_call(noisy_forward)
+        self._check_callable(noisy_forward)
         clean_logits = logits_of(clean_output)
-        if not any(b.training for s in self.stacks for b in s.blocks):
+        if not self._training():
             return self._eval_penalty(clean_logits)
-        self._draw_seed()
+        self._seed = self._draw_seed()
         noise = _Noise()
         target = clean_logits.detach()
         for _ in range(self.k):
@@ -383,12 +226,7 @@ class SmartRegularizer(_EmbeddingNoiseRegularizer):
                 noise.value = self._project(leaf + self.step_size * grad)
             noise.value.requires_grad_()  # the next ascent pass differentiates with respect to it
         noisy = self._noisy_pass(noisy_forward, noise, ascent=False)
-        noisy_logits = logits_of(noisy)
-        self._check_output(noisy_logits, clean_logits)
-        penalty = self.alpha * div.reduce_divergence(
-            self.divergence, noisy_logits, clean_logits, mask
-        )
-        return self._finish(penalty)
+        return self._penalty(logits_of(noisy), clean_logits, mask)
 
     def remove(self) -> None:
         """Remove every hook; the model is exactly as before. Safe to call twice."""
@@ -427,7 +265,7 @@ class SmartRegularizer(_EmbeddingNoiseRegularizer):
             # recomputed in backward: it must return the same tensor (the same leaf, in an
             # ascent pass, so that the gradient reaches it).
             if noise.value is None:
-                gen = self._noise_source(hidden.device)
+                gen = self._noise_source(hidden.device, self._seed)
                 sample = torch.randn(
                     hidden.shape,
                     generator=gen,
@@ -445,25 +283,10 @@ class SmartRegularizer(_EmbeddingNoiseRegularizer):
 
         with self._hooks.armed(Pass(layer=0, perturb=perturb)) as p:
             p.output = forward()
-        self._settle_stack(p)
-        if not p.applied:
-            where = ", ".join(repr(s.path or ",".join(s.names)) for s in self.stacks)
-            raise RaptRegError(
-                f"the noise did not reach the model: no block of {where} ran during SMART's "
-                "noisy pass. Likely causes: the model was compiled with torch.compile and run "
-                "before this regularizer was built (build it first); the forward uses other "
-                "modules - pass blocks='<dotted path>'; noisy_forward did not run the model."
-            )
+        self._settle_stack(self._hooks, p)
+        self._verify(p)
         self._last_noise_ratio = p.noise_ratio
         return p.output
-
-    def _settle_stack(self, p: Pass) -> None:
-        if p.others:
-            assert p.stack is not None
-            raise ambiguity_error([self.stacks[i] for i in (p.stack, *p.others)])
-        if p.stack is not None and len(self.stacks) > 1:
-            self._hooks.keep_only(p.stack)
-            self.stacks = [self.stacks[p.stack]]
 
 
 @dataclass
@@ -530,7 +353,7 @@ def find_token_embeddings(model: nn.Module, embeddings: EmbeddingsSpec = None) -
     )
 
 
-class R3FRegularizer(_EmbeddingNoiseRegularizer):
+class R3FRegularizer(PerturbationRegularizer):
     """R3F (Aghajanyan et al., 2020) as fairseq's ``sentence_prediction_r3f`` criterion.
 
     One noisy pass per call, with noise added to the *token embeddings*: the output of the
@@ -568,7 +391,8 @@ class R3FRegularizer(_EmbeddingNoiseRegularizer):
         (True, ['0'])
     """
 
-    _prefix = "r3f"
+    _stats_prefix = "r3f"
+    _noise_knob = "eps"
 
     def __init__(
         self,
@@ -591,12 +415,13 @@ class R3FRegularizer(_EmbeddingNoiseRegularizer):
         )
         if noise not in R3F_NOISE:
             raise RaptRegError(f"unknown noise {noise!r}: use one of {R3F_NOISE}")
-        self.eps = _check_positive("eps", eps)
+        self.eps = check_number("eps", eps)
         self.noise = noise
         self.embeddings = find_token_embeddings(model, embeddings)
         root = unwrap_model(model)
         self._modules = [root.get_submodule(path) for path in self.embeddings]
         self._armed: Optional[_R3FPass] = None
+        self._seed = 0
         self._handles: Optional[list[Any]] = [
             m.register_forward_hook(self._hook) for m in dict.fromkeys(self._modules)
         ]
@@ -622,9 +447,9 @@ class R3FRegularizer(_EmbeddingNoiseRegularizer):
             RaptRegError: if no token-embedding module ran in the noisy pass, or the penalty is
                 not finite (with ``nonfinite="raise"``).
         """
-        self._check_call(noisy_forward)
+        self._check_callable(noisy_forward)
         clean_logits = logits_of(clean_output)
-        if not self.model.training:
+        if not self._training():
             return self._eval_penalty(clean_logits)
         if self._handles is None:
             raise RaptRegError("this regularizer was removed: build a new one")
@@ -633,7 +458,7 @@ class R3FRegularizer(_EmbeddingNoiseRegularizer):
                 "a regularizer call was made inside another one's forward pass of the same "
                 "regularizer: call it once per step, outside the model's forward"
             )
-        self._draw_seed()
+        self._seed = self._draw_seed()
         self._armed = state = _R3FPass()
         try:
             noisy_logits = logits_of(noisy_forward())
@@ -646,11 +471,7 @@ class R3FRegularizer(_EmbeddingNoiseRegularizer):
                 "embeddings='<dotted path>' naming the module that makes the token embeddings."
             )
         self._last_noise_ratio = state.ratio
-        self._check_output(noisy_logits, clean_logits)
-        penalty = self.alpha * div.reduce_divergence(
-            self.divergence, noisy_logits, clean_logits, mask
-        )
-        return self._finish(penalty)
+        return self._penalty(noisy_logits, clean_logits, mask)
 
     def remove(self) -> None:
         """Remove every hook; the model is exactly as before. Safe to call twice."""
@@ -667,7 +488,7 @@ class R3FRegularizer(_EmbeddingNoiseRegularizer):
 
     @torch.compiler.disable
     def _sample(self, like: torch.Tensor) -> torch.Tensor:
-        gen = self._noise_source(like.device)
+        gen = self._noise_source(like.device, self._seed)
         work = torch.promote_types(like.dtype, torch.float32)
         if self.noise == "uniform":
             sample = torch.rand(like.shape, generator=gen, device=like.device, dtype=work)

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import abc
 import functools
 import math
 import warnings
-from typing import Any, Callable, Optional, Union
+from typing import Any, Callable, Optional, TypeVar, Union
 
 import torch
 from torch import nn
@@ -27,6 +28,8 @@ Output = Any
 
 NONFINITE_POLICIES = ("raise", "skip")
 
+_Reg = TypeVar("_Reg", bound="PerturbationRegularizer")
+
 
 def logits_of(output: Output) -> torch.Tensor:
     """The logits tensor of a model output (a tensor, or anything with ``.logits``)."""
@@ -43,14 +46,228 @@ def logits_of(output: Output) -> torch.Tensor:
     )
 
 
-def _check_number(name: str, value: float) -> None:
+def check_number(name: str, value: float, *, allow_zero: bool = True) -> float:
+    """``value`` as a float, or a RaptRegError if it is not a finite number >= 0 (> 0)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise RaptRegError(f"{name} must be a number, got {value!r}")
-    if not math.isfinite(value) or value < 0:
-        raise RaptRegError(f"{name} must be finite and >= 0, got {value!r}")
+    if not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
+        bound = ">= 0" if allow_zero else "> 0"
+        raise RaptRegError(f"{name} must be finite and {bound}, got {value!r}")
+    return float(value)
 
 
-class RandomPerturbationRegularizer:
+class PerturbationRegularizer(abc.ABC):
+    """The call shape RAPT, SMART and R3F share, and what goes with it.
+
+    ``reg(noisy_forward, clean_output, mask=None)`` runs the noisy pass(es) and returns
+    ``alpha * divergence(noisy, clean)``; ``reg.pair(forward, mask=None)`` runs the clean pass
+    too; ``remove()`` (or leaving a ``with`` block) takes the hooks away. In eval mode the
+    penalty is 0 (said once). Subclasses implement ``__call__`` and ``remove``.
+    """
+
+    _stats_prefix = "rapt"
+    _noise_knob = "the noise"  # named in the non-finite error
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        alpha: float,
+        divergence: Union[str, Callable[..., torch.Tensor]],
+        generator: Optional[torch.Generator],
+        nonfinite: str,
+    ) -> None:
+        if isinstance(model, type) or not isinstance(model, nn.Module):
+            raise RaptRegError(
+                f"model must be an nn.Module instance, got {model!r}"
+                + (": instantiate it first" if isinstance(model, type) else "")
+            )
+        if nonfinite not in NONFINITE_POLICIES:
+            raise RaptRegError(f"unknown nonfinite={nonfinite!r}: use one of {NONFINITE_POLICIES}")
+        if generator is not None and generator.device.type != "cpu":
+            raise RaptRegError("generator must be a CPU torch.Generator (noise is seeded from it)")
+        self.model = model
+        self.alpha = check_number("alpha", alpha)
+        self.divergence = div.resolve(divergence)
+        self.generator = generator
+        self.nonfinite = nonfinite
+        self.skipped_steps = 0
+        self.stacks: list[BlockStack] = []
+        self._noise_generators: dict[torch.device, torch.Generator] = {}
+        self._warned_eval = False
+        self._last_noise_ratio: Optional[torch.Tensor] = None
+
+    @abc.abstractmethod
+    def __call__(
+        self,
+        noisy_forward: Callable[[], Output],
+        clean_output: Output,
+        *,
+        mask: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        """The penalty for one step (see the subclasses)."""
+
+    def pair(
+        self, forward: Callable[[], Output], *, mask: Optional[torch.Tensor] = None
+    ) -> tuple[Output, torch.Tensor]:
+        """Run the clean pass, then the noisy pass(es) on the same batch.
+
+        Args:
+            forward: Zero-argument callable running the model on the batch.
+            mask: As in ``__call__``.
+
+        Returns:
+            ``(clean_output, penalty)``.
+        """
+        self._check_callable(forward, "forward")
+        clean_output = forward()
+        return clean_output, self(forward, clean_output, mask=mask)
+
+    def stats(self) -> dict[str, float]:
+        """Telemetry for logging: noise-to-hidden norm ratio of the last pass, skipped steps."""
+        ratio = self._last_noise_ratio
+        return {
+            f"{self._stats_prefix}/noise_to_hidden_ratio": math.nan
+            if ratio is None
+            else float(ratio),
+            f"{self._stats_prefix}/skipped_steps": float(self.skipped_steps),
+        }
+
+    @property
+    def last_noise_to_hidden_ratio(self) -> Optional[float]:
+        """``||delta|| / ||h||`` where the last noise went (whole batch, Frobenius norms)."""
+        return None if self._last_noise_ratio is None else float(self._last_noise_ratio)
+
+    @abc.abstractmethod
+    def remove(self) -> None:
+        """Remove every hook; the model is exactly as before. Safe to call twice."""
+
+    def __enter__(self: _Reg) -> _Reg:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.remove()
+
+    # -- for subclasses -------------------------------------------------------------------------
+
+    def _find_stacks(self, blocks: BlocksSpec, prefer: Optional[str]) -> StackHooks:
+        """Discover (or resolve ``blocks=``) the candidate stacks and hook them."""
+        if blocks is not None:
+            self.stacks = [resolve_blocks(self.model, blocks)]
+        else:
+            self.stacks = find_block_stacks(self.model, prefer=prefer)
+        return StackHooks([s.blocks for s in self.stacks], [s.batch_dim for s in self.stacks])
+
+    @property
+    def stack(self) -> BlockStack:
+        """The stack of blocks being perturbed (raises while a forward has yet to choose one)."""
+        if len(self.stacks) != 1:
+            raise ambiguity_error(self.stacks)
+        return self.stacks[0]
+
+    def _settle_stack(self, hooks: StackHooks, p: Pass) -> None:
+        """After a forward: refuse an ambiguous model, or keep only the stack that ran."""
+        if p.others:
+            assert p.stack is not None
+            raise ambiguity_error([self.stacks[i] for i in (p.stack, *p.others)])
+        if p.stack is not None and len(self.stacks) > 1:
+            hooks.keep_only(p.stack)
+            self.stacks = [self.stacks[p.stack]]
+
+    def _verify(self, p: Pass) -> None:
+        """Raise, naming the causes, when the noise of a finished pass did not reach the model."""
+        if p.applied:
+            return
+        where = ", ".join(repr(s.path or ",".join(s.names)) for s in self.stacks)
+        if p.calls == 0:
+            raise RaptRegError(
+                f"the noise did not reach the model: no block of {where} ran during the noisy "
+                "pass. Likely causes: (1) the model was compiled with torch.compile and run "
+                "before this regularizer was built, so its graph ignores the hooks - build the "
+                "regularizer first, or call torch._dynamo.reset(); (2) the forward uses other "
+                "modules than these - pass blocks='<dotted path>'; (3) noisy_forward did not "
+                "run the model."
+            )
+        raise RaptRegError(
+            f"the noise did not reach the model: layer {p.layer} was chosen but the noisy pass "
+            f"made only {p.calls} block calls of {where}. Use max_layer <= {p.calls}, or pass "
+            "blocks= naming the stack this forward runs."
+        )
+
+    def _training(self) -> bool:
+        if self.stacks:
+            return any(b.training for s in self.stacks for b in s.blocks)
+        return self.model.training
+
+    def _check_callable(self, fn: object, name: str = "noisy_forward") -> None:
+        if not callable(fn):
+            raise RaptRegError(
+                f"{name} must be a zero-argument callable, got {type(fn).__name__}: pass "
+                "lambda: model(**batch)"
+            )
+
+    def _eval_penalty(self, clean_logits: torch.Tensor) -> torch.Tensor:
+        if not self._warned_eval:
+            warnings.warn(
+                f"the model is in eval mode: {type(self).__name__} adds noise only in training "
+                "mode, so the penalty is 0 (call model.train() to regularize). This is said once.",
+                stacklevel=3,
+            )
+            self._warned_eval = True
+        return self._zero(clean_logits)
+
+    @staticmethod
+    def _zero(logits: torch.Tensor) -> torch.Tensor:
+        return logits.new_zeros((), dtype=torch.promote_types(logits.dtype, torch.float32))
+
+    def _draw_seed(self) -> int:
+        """A noise seed, drawn before any forward from the generator (or the global RNG).
+
+        Nothing inside the forward then consumes the global RNG: dropout masks are those of a
+        run without the regularizer, and a checkpoint's recomputation replays the same noise.
+        """
+        return int(torch.randint(0, 2**62, (), generator=self.generator))
+
+    def _noise_source(self, device: torch.device, seed: int) -> torch.Generator:
+        """This regularizer's generator on ``device``, seeded with ``seed``."""
+        gen = self._noise_generators.get(device)
+        if gen is None:
+            gen = self._noise_generators[device] = torch.Generator(device=device)
+        return gen.manual_seed(seed)
+
+    def _penalty(
+        self,
+        noisy_logits: torch.Tensor,
+        clean_logits: torch.Tensor,
+        mask: Optional[torch.Tensor],
+    ) -> torch.Tensor:
+        """``alpha * divergence``, after checking the outputs; applies the ``nonfinite`` policy."""
+        div.check_outputs(noisy_logits, clean_logits)
+        if torch.is_grad_enabled() and not (
+            noisy_logits.requires_grad or clean_logits.requires_grad
+        ):
+            raise RaptRegError(
+                "neither output requires grad, so the penalty cannot train anything: are the "
+                "parameters frozen, or was the clean pass run under torch.no_grad()? "
+                "(To only log the penalty, call the regularizer under torch.no_grad().)"
+            )
+        penalty = self.alpha * div.reduce_divergence(
+            self.divergence, noisy_logits, clean_logits, mask
+        )
+        value = float(penalty.detach())  # one host sync per step
+        if math.isfinite(value):
+            return penalty
+        if self.nonfinite == "skip":
+            self.skipped_steps += 1
+            return penalty.new_zeros(())
+        raise RaptRegError(
+            f"the {type(self).__name__} penalty is {value}: the noisy or the clean output holds "
+            f"NaN/inf (check the clean loss and the learning rate, lower {self._noise_knob}, or "
+            "pass nonfinite='skip' to skip such steps)."
+        )
+
+
+class RandomPerturbationRegularizer(PerturbationRegularizer):
     """RAPT: perturb one randomly chosen layer with scaled Gaussian noise and penalise the change.
 
     Each call draws one layer ``r`` uniformly from ``{min_layer, ..., max_layer}`` (layer 0 is
@@ -98,6 +315,8 @@ class RandomPerturbationRegularizer:
         True
     """
 
+    _noise_knob = "eta"
+
     def __init__(
         self,
         model: nn.Module,
@@ -115,13 +334,10 @@ class RandomPerturbationRegularizer:
         prefer: Optional[str] = "encoder",
         nonfinite: str = "raise",
     ) -> None:
-        if isinstance(model, type) or not isinstance(model, nn.Module):
-            raise RaptRegError(
-                f"model must be an nn.Module instance, got {model!r}"
-                + (": instantiate it first" if isinstance(model, type) else "")
-            )
-        for name, value in (("eta", eta), ("alpha", alpha), ("sigma", sigma)):
-            _check_number(name, value)
+        super().__init__(
+            model, alpha=alpha, divergence=divergence, generator=generator, nonfinite=nonfinite
+        )
+        self.eta, self.sigma = check_number("eta", eta), check_number("sigma", sigma)
         for name, value in (("max_layer", max_layer), ("min_layer", min_layer)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise RaptRegError(f"{name} must be an int >= 0, got {value!r}")
@@ -129,43 +345,16 @@ class RandomPerturbationRegularizer:
             raise RaptRegError(f"min_layer={min_layer} is greater than max_layer={max_layer}")
         if norm not in NORMS:
             raise RaptRegError(f"unknown norm {norm!r}: use one of {NORMS}")
-        if nonfinite not in NONFINITE_POLICIES:
-            raise RaptRegError(f"unknown nonfinite={nonfinite!r}: use one of {NONFINITE_POLICIES}")
-        if generator is not None and generator.device.type != "cpu":
-            raise RaptRegError("generator must be a CPU torch.Generator (noise is seeded from it)")
-
-        self.model = model
-        self.eta, self.sigma, self.alpha = float(eta), float(sigma), float(alpha)
         self.max_layer, self.min_layer = max_layer, min_layer
-        self.norm, self.per_token, self.nonfinite = norm, per_token, nonfinite
-        self.divergence = div.resolve(divergence)
-        self.generator = generator
-
-        if blocks is not None:
-            self.stacks = [resolve_blocks(model, blocks)]
-        else:
-            self.stacks = find_block_stacks(model, prefer=prefer)
+        self.norm, self.per_token = norm, per_token
+        self._hooks = self._find_stacks(blocks, prefer)
         self._check_max_layer()
-        self._hooks = StackHooks(
-            [s.blocks for s in self.stacks], [s.batch_dim for s in self.stacks]
-        )
-        self._noise_generators: dict[torch.device, torch.Generator] = {}
         self._reuse_prefix = True
-        self._warned_eval = False
         self._warned_zero = False
         self.last_layer: Optional[int] = None
         self.last_prefix_reused: Optional[bool] = None
-        self._last_noise_ratio: Optional[torch.Tensor] = None
-        self.skipped_steps = 0
 
     # -- public API ---------------------------------------------------------------------------
-
-    @property
-    def stack(self) -> BlockStack:
-        """The stack of blocks being perturbed (raises while a forward has yet to choose one)."""
-        if len(self.stacks) > 1:
-            raise ambiguity_error(self.stacks)
-        return self.stacks[0]
 
     def __call__(
         self,
@@ -191,16 +380,12 @@ class RandomPerturbationRegularizer:
             RaptRegError: if the noise did not reach the model, the outputs do not match, or
                 the penalty is not finite (with ``nonfinite="raise"``).
         """
-        if not callable(noisy_forward):
-            raise RaptRegError(
-                "noisy_forward must be a zero-argument callable, got "
-                f"{type(noisy_forward).__name__}: pass lambda: model(**batch)"
-            )
+        self._check_callable(noisy_forward)
         clean_logits = logits_of(clean_output)
         if not self._training():
             return self._eval_penalty(clean_logits)
         p = self._noisy_pass(noisy_forward, self._draw(), saved=None)
-        return self._penalty(p, clean_logits, mask)
+        return self._penalty(logits_of(p.output), clean_logits, mask)
 
     def pair(
         self, forward: Callable[[], Output], *, mask: Optional[torch.Tensor] = None
@@ -221,10 +406,7 @@ class RandomPerturbationRegularizer:
         Returns:
             ``(clean_output, penalty)``.
         """
-        if not callable(forward):
-            raise RaptRegError(
-                "forward must be a zero-argument callable: pass lambda: model(**batch)"
-            )
+        self._check_callable(forward, "forward")
         if not self._training():
             clean_output = forward()
             return clean_output, self._eval_penalty(logits_of(clean_output))
@@ -232,7 +414,7 @@ class RandomPerturbationRegularizer:
         saved: Optional[dict[int, Any]] = {} if self._reuse_prefix and layer > 0 else None
         with self._hooks.armed(Pass(layer=layer, saved=saved)) as clean:
             clean_output = forward()
-        self._settle_stack(clean)
+        self._settle_stack(self._hooks, clean)
         reusing = Pass(layer=layer, saved=saved)
         try:
             p = self._noisy_pass(forward, (layer, seed), saved=saved, observe=reusing)
@@ -250,32 +432,17 @@ class RandomPerturbationRegularizer:
                 "recomputes the whole noisy pass, as reg(noisy_forward, clean_output) does.",
                 stacklevel=2,
             )
-        return clean_output, self._penalty(p, logits_of(clean_output), mask)
+        return clean_output, self._penalty(logits_of(p.output), logits_of(clean_output), mask)
 
     def stats(self) -> dict[str, float]:
         """Telemetry for logging: last layer, noise-to-hidden norm ratio, skipped steps."""
-        ratio = self._last_noise_ratio
-        return {
-            "rapt/layer": float("nan") if self.last_layer is None else float(self.last_layer),
-            "rapt/noise_to_hidden_ratio": float("nan") if ratio is None else float(ratio),
-            "rapt/skipped_steps": float(self.skipped_steps),
-        }
-
-    @property
-    def last_noise_to_hidden_ratio(self) -> Optional[float]:
-        """``||delta|| / ||h||`` at the last perturbed layer (whole batch, Frobenius norms)."""
-        return None if self._last_noise_ratio is None else float(self._last_noise_ratio)
+        layer = math.nan if self.last_layer is None else float(self.last_layer)
+        return {"rapt/layer": layer, **super().stats()}
 
     def remove(self) -> None:
         """Remove every hook; the model is exactly as before. Safe to call twice."""
         self._hooks.remove()
         self._last_noise_ratio = None
-
-    def __enter__(self) -> RandomPerturbationRegularizer:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.remove()
 
     def __repr__(self) -> str:
         where = ", ".join(repr(s.path or s.names[0]) for s in self.stacks)
@@ -286,38 +453,13 @@ class RandomPerturbationRegularizer:
 
     # -- internals ------------------------------------------------------------------------------
 
-    def _training(self) -> bool:
-        return any(b.training for s in self.stacks for b in s.blocks)
-
-    def _eval_penalty(self, clean_logits: torch.Tensor) -> torch.Tensor:
-        if not self._warned_eval:
-            warnings.warn(
-                "the model is in eval mode: RAPT adds noise only in training mode, so the "
-                "penalty is 0 (call model.train() to regularize). This is said once.",
-                stacklevel=3,
-            )
-            self._warned_eval = True
-        return clean_logits.new_zeros(
-            (), dtype=torch.promote_types(clean_logits.dtype, torch.float32)
-        )
-
     def _draw(self) -> tuple[int, int]:
-        """Layer r for this step and the seed of its noise, from the generator or global RNG.
-
-        Both are drawn before the forward, so nothing inside it consumes the global RNG:
-        dropout masks are those of a forward without RAPT, and recomputation under
-        checkpointing replays the same noise from the same seed.
-        """
+        """Layer r for this step and the seed of its noise (see ``_draw_seed``)."""
         layer = int(torch.randint(self.min_layer, self.max_layer + 1, (), generator=self.generator))
-        seed = int(torch.randint(0, 2**62, (), generator=self.generator))
-        return layer, seed
+        return layer, self._draw_seed()
 
     @torch.compiler.disable
     def _sample(self, hidden: torch.Tensor, batch_dim: int, seed: int) -> torch.Tensor:
-        gen = self._noise_generators.get(hidden.device)
-        if gen is None:
-            gen = self._noise_generators[hidden.device] = torch.Generator(device=hidden.device)
-        gen.manual_seed(seed)
         return sample_noise(
             hidden.shape,
             eta=self.eta,
@@ -327,7 +469,7 @@ class RandomPerturbationRegularizer:
             per_token=self.per_token,
             dtype=hidden.dtype,
             device=hidden.device,
-            generator=gen,
+            generator=self._noise_source(hidden.device, seed),
         )
 
     def _noisy_pass(
@@ -343,21 +485,16 @@ class RandomPerturbationRegularizer:
         p.perturb = functools.partial(self._sample, seed=seed)
         with self._hooks.armed(p):
             p.output = forward()
-        self._settle_stack(p)
+        self._settle_stack(self._hooks, p)
         self._verify(p)
         self.last_layer = layer
         self.last_prefix_reused = p.reused == layer if layer > 0 else None
         self._last_noise_ratio = p.noise_ratio
         return p
 
-    def _settle_stack(self, p: Pass) -> None:
-        """After a forward: refuse an ambiguous model, or keep only the stack that ran."""
-        if p.others:
-            assert p.stack is not None
-            raise ambiguity_error([self.stacks[i] for i in (p.stack, *p.others)])
-        if p.stack is not None and len(self.stacks) > 1:
-            self._hooks.keep_only(p.stack)
-            self.stacks = [self.stacks[p.stack]]
+    def _settle_stack(self, hooks: StackHooks, p: Pass) -> None:
+        super()._settle_stack(hooks, p)
+        if len(self.stacks) == 1:
             self._check_max_layer()
 
     def _check_max_layer(self) -> None:
@@ -370,67 +507,29 @@ class RandomPerturbationRegularizer:
                 f"max_layer <= {depth}"
             )
 
-    def _verify(self, p: Pass) -> None:
-        if p.applied:
-            return
-        where = ", ".join(repr(s.path or ",".join(s.names)) for s in self.stacks)
-        if p.calls == 0:
-            raise RaptRegError(
-                f"the noise did not reach the model: no block of {where} ran during the noisy "
-                "pass. Likely causes: (1) the model was compiled with torch.compile and run "
-                "before this regularizer was built, so its graph ignores the hooks - build the "
-                "regularizer first, or call torch._dynamo.reset(); (2) the forward uses other "
-                "modules than these - pass blocks='<dotted path>'; (3) noisy_forward did not "
-                "run the model."
-            )
-        raise RaptRegError(
-            f"the noise did not reach the model: layer {p.layer} was chosen but the noisy pass "
-            f"made only {p.calls} block calls of {where}. Use max_layer <= {p.calls}, or pass "
-            "blocks= naming the stack this forward runs."
-        )
-
     def _penalty(
-        self, p: Pass, clean_logits: torch.Tensor, mask: Optional[torch.Tensor]
+        self,
+        noisy_logits: torch.Tensor,
+        clean_logits: torch.Tensor,
+        mask: Optional[torch.Tensor],
     ) -> torch.Tensor:
-        noisy_logits = logits_of(p.output)
-        div.check_outputs(noisy_logits, clean_logits)
-        if torch.is_grad_enabled() and not (
-            noisy_logits.requires_grad or clean_logits.requires_grad
-        ):
-            raise RaptRegError(
-                "neither output requires grad, so the penalty cannot train anything: are the "
-                "parameters frozen, or was the clean pass run under torch.no_grad()? "
-                "(To only log the penalty, call the regularizer under torch.no_grad().)"
-            )
-        penalty = self.alpha * div.reduce_divergence(
-            self.divergence, noisy_logits, clean_logits, mask
-        )
-        value = float(penalty.detach())  # one host sync per step, for the two checks below
+        penalty = super()._penalty(noisy_logits, clean_logits, mask)
         if (
-            value == 0.0
+            not self._warned_zero
             and self.eta > 0
             and self.alpha > 0
-            and not self._warned_zero
             and noisy_logits.numel() > 0  # an empty batch, or all positions masked, gives 0
+            and float(penalty.detach()) == 0.0
             and (mask is None or bool(mask.any()))
         ):
             self._warned_zero = True
             where = self.stacks[0].path or ",".join(self.stacks[0].names)
             warnings.warn(
                 f"the RAPT penalty is exactly 0 although noise of size eta={self.eta} was added "
-                f"at layer {p.layer} of {where!r}: either the output does not depend on that "
-                "stack (pass blocks= naming the blocks whose output the model uses), or the "
-                "noise is below the resolution of the hidden states' dtype, e.g. bfloat16 "
+                f"at layer {self.last_layer} of {where!r}: either the output does not depend on "
+                "that stack (pass blocks= naming the blocks whose output the model uses), or "
+                "the noise is below the resolution of the hidden states' dtype, e.g. bfloat16 "
                 "(raise eta, or train in float32 with autocast). This is said once.",
                 stacklevel=3,
             )
-        if math.isfinite(value):
-            return penalty
-        if self.nonfinite == "skip":
-            self.skipped_steps += 1
-            return penalty.new_zeros(())
-        raise RaptRegError(
-            f"the RAPT penalty is {value} at layer {p.layer}: the noisy or the clean "
-            "output holds NaN/inf (check the clean loss and the learning rate, lower eta, or "
-            "pass nonfinite='skip' to skip such steps)."
-        )
+        return penalty
