@@ -595,7 +595,8 @@ def plot_summary(rows: Sequence[MethodSummary], perturbation: str, path: Path, t
     for ax, (name, pairs, scale, fmt) in zip(axes, panels):
         means = [scale * m for m, _ in pairs]
         stds = [scale * s for _, s in pairs]
-        bars = ax.bar(labels, means, yerr=stds, capsize=4, color=colors, ecolor="black")
+        errors = stds if any(stds) else None  # no error bars for a single seed
+        bars = ax.bar(labels, means, yerr=errors, capsize=4, color=colors, ecolor="black")
         ax.set_title(name, fontsize=10)
         ax.tick_params(axis="x", labelrotation=20, labelsize=8)
         if scale == 100:
