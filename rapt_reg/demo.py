@@ -263,13 +263,14 @@ def _build_regularizer(method: str, model: nn.Module, config: DemoConfig, seed: 
 
     generator = torch.Generator().manual_seed(seed)
     if method in ("rapt", "rapt-embedding"):
-        layers = (
-            {"max_layer": 0, "min_layer": 0}
-            if method == "rapt-embedding"
-            else {"max_layer": config.max_layer, "min_layer": config.min_layer}
-        )
+        embedding = method == "rapt-embedding"  # the paper's "RAPT (Embedding)": layer 0 only
         return rapt_reg.RandomPerturbationRegularizer(
-            model, eta=config.eta, alpha=config.alpha, generator=generator, **layers
+            model,
+            eta=config.eta,
+            alpha=config.alpha,
+            generator=generator,
+            max_layer=0 if embedding else config.max_layer,
+            min_layer=0 if embedding else config.min_layer,
         )
     if method == "smart":
         smart = _smart_class()
@@ -582,11 +583,12 @@ def plot_summary(rows: Sequence[MethodSummary], perturbation: str, path: Path, t
     palette = ["#7f7f7f", "#1f77b4", "#2ca02c", "#d62728"]
     colors = [palette[list(METHODS).index(r.method) % len(palette)] for r in rows]
     ratios = [r.time_ratio for r in rows]
+    timing: tuple[str, list[tuple[float, float]], int, str]
     if all(ratio is not None for ratio in ratios):
-        timing = ("Time per step (× standard)", ratios, 1, "{:.2f}×")
+        timing = ("Time per step (× standard)", [r for r in ratios if r is not None], 1, "{:.2f}×")
     else:
         timing = ("Median time per step (ms)", [r.step_time for r in rows], 1000, "{:.0f}")
-    panels = [
+    panels: list[tuple[str, list[tuple[float, float]], int, str]] = [
         ("Held-out accuracy (%)", [r.accuracy for r in rows], 100, "{:.1f}"),
         (f"Accuracy, {perturbation} (%)", [r.perturbed_accuracy for r in rows], 100, "{:.1f}"),
         timing,
