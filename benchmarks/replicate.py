@@ -7,7 +7,7 @@ and ``docs/img/replication.png``. The raw figures go to ``<out>/replication.json
 ``--from-json`` to rewrite the page from them without training again; several JSON files
 (seeds split over processes run side by side) are merged.
 
-    HF_HUB_OFFLINE=1 python benchmarks/replicate.py                  # about 30 min on 2 cores
+    HF_HUB_OFFLINE=1 python benchmarks/replicate.py --threads 1      # ~35 min, 2 quiet cores
     python benchmarks/replicate.py --from-json demo-out/replication/replication.json
 """
 
@@ -41,7 +41,7 @@ def _parse(argv: Optional[Sequence[str]]) -> argparse.Namespace:
         "--eval-size",
         type=int,
         default=500,
-        help="held-out articles per seed (seeded draw), to keep 5 seeds in about 30 min",
+        help="held-out articles per seed (seeded draw); one seed of 4 methods took 6.5 min",
     )
     parser.add_argument("--out", default="demo-out/replication", help="folder for the raw JSON")
     parser.add_argument("--docs", default=str(ROOT / "docs"), help="docs folder to write into")
