@@ -161,7 +161,9 @@ class PerturbationRegularizer(abc.ABC):
     @property
     def stack(self) -> BlockStack:
         """The stack of blocks being perturbed (raises while a forward has yet to choose one)."""
-        if len(self.stacks) != 1:
+        if not self.stacks:
+            raise RaptRegError(f"{type(self).__name__} does not perturb a stack of blocks")
+        if len(self.stacks) > 1:
             raise ambiguity_error(self.stacks)
         return self.stacks[0]
 
