@@ -398,8 +398,10 @@ class RandomPerturbationRegularizer(PerturbationRegularizer):
         outputs are used, so the noisy pass costs about the blocks after r. With dropout off
         this gives the same penalty and gradients as ``reg(forward, forward())`` for the same r
         and noise; with dropout on, the reused prefix shares the clean pass's dropout masks. For
-        r = 0 nothing is reused. Where a block cannot run on the cut inputs, ``pair`` warns once
-        and recomputes whole noisy passes from then on.
+        r = 0 nothing is reused. The prefix is recomputed instead (as in the two-pass form) inside
+        a ``torch.utils.checkpoint`` region, while dynamo traces, and for sequence-first
+        layouts; ``reg.last_prefix_reused`` says which happened. Where a block cannot run on the
+        cut inputs, ``pair`` warns once and recomputes whole noisy passes from then on.
 
         Args:
             forward: Zero-argument callable running the model on the batch.
