@@ -14,11 +14,9 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
-import pytest
 import torch
 import torch.nn.functional as F
 from models import Block, IndexLoopModel, TimmShapedViT
@@ -31,21 +29,6 @@ BATCH = 4
 SEQ = 8
 VOCAB = 64
 CLASSES = 3
-
-
-@pytest.fixture(scope="module", autouse=True)
-def single_thread() -> Iterator[None]:
-    """One intra-op thread while a test module runs (import it into the module to use it).
-
-    These models are so small that a second thread only adds synchronisation: on 2 cores
-    shared with other jobs the architecture tests took 6x the CPU time with 2 threads.
-    """
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 @dataclass(frozen=True)

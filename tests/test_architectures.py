@@ -12,12 +12,15 @@ from typing import Any, Callable
 
 import pytest
 import torch
-from hf_models import CASES, ModelCase, logits, single_thread, task_loss  # noqa: F401
+from hf_models import CASES, ModelCase, logits, task_loss
 from torch import nn
 
 import rapt_reg
 
-pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
+pytestmark = [
+    pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning"),
+    pytest.mark.usefixtures("single_thread"),
+]
 
 
 @pytest.fixture(params=list(CASES), ids=list(CASES))

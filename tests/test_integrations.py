@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from hf_models import CASES, logits, single_thread, task_loss  # noqa: F401
+from hf_models import CASES, logits, task_loss
 from torch import nn
 
 import rapt_reg
@@ -20,7 +20,10 @@ import rapt_reg
 ROOT = Path(__file__).resolve().parents[1]
 OPTIONAL = ("transformers", "peft", "accelerate", "lightning", "pytorch_lightning")
 
-pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
+pytestmark = [
+    pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning"),
+    pytest.mark.usefixtures("single_thread"),
+]
 
 
 def _python(code: str) -> subprocess.CompletedProcess:

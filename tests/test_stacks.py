@@ -15,14 +15,17 @@ from typing import Callable, Optional
 
 import pytest
 import torch
-from hf_models import CASES, HF_CASES, ModelCase, logits, single_thread, task_loss  # noqa: F401
+from hf_models import CASES, HF_CASES, ModelCase, logits, task_loss
 from models import TinyTransformer
 from torch import nn
 from torch.utils.checkpoint import checkpoint, checkpoint_sequential
 
 import rapt_reg
 
-pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
+pytestmark = [
+    pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning"),
+    pytest.mark.usefixtures("single_thread"),
+]
 
 Grads = dict[str, torch.Tensor]
 

@@ -5,19 +5,14 @@ OpenMP's spinning threads made them 10-20 times slower.
 """
 
 import pytest
-import torch
 
 from ._profile import TALLY
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
+def _one_thread(single_thread):
+    """Every hardening test runs under the suite's one-thread fixture (tests/conftest.py)."""
+    yield
 
 
 def pytest_terminal_summary(terminalreporter):
