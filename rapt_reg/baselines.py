@@ -27,8 +27,9 @@ from torch import nn
 from . import divergence as div
 from .discovery import BlocksSpec, unwrap_model
 from .errors import RaptRegError
-from .hooks import Pass
+from .hooks import NoisyPass
 from .regularizer import Output, PerturbationRegularizer, check_number, logits_of
+from .replay import keep_alive
 
 SMART_NORMS = ("inf", "l2")
 R3F_NOISE = ("uniform", "normal")
@@ -170,8 +171,9 @@ class SmartRegularizer(PerturbationRegularizer):
         self.ascent_divergence = (
             stable_kl if ascent_divergence == "stable_kl" else div.resolve(ascent_divergence)
         )
-        self._hooks = self._find_stacks(blocks, prefer)
+        self.stacks = self._find_stacks(blocks, prefer)
         self._seed = 0
+        self._hooks = self._install()
 
     def __call__(
         self,
@@ -206,7 +208,7 @@ class SmartRegularizer(PerturbationRegularizer):
         target = clean_logits.detach()
         for _ in range(self.k):
             with torch.enable_grad():
-                noisy_logits = logits_of(self._noisy_pass(noisy_forward, noise, ascent=True))
+                noisy_logits = self._noisy_pass(noisy_forward, noise, ascent=True)
                 if not noisy_logits.requires_grad:
                     raise RaptRegError(
                         "the noisy output does not depend on the noise (no gradient): does "
@@ -220,13 +222,13 @@ class SmartRegularizer(PerturbationRegularizer):
                 assert leaf is not None  # the pass was verified to have added it
                 (grad,) = torch.autograd.grad(mean * positions, leaf)
             if not bool(torch.isfinite(grad.norm())):
-                self.skipped_steps += 1
+                self._skipped += 1
                 return self._zero(clean_logits)
             with torch.no_grad():
                 noise.value = self._project(leaf + self.step_size * grad)
             noise.value.requires_grad_()  # the next ascent pass differentiates with respect to it
-        noisy = self._noisy_pass(noisy_forward, noise, ascent=False)
-        return self._penalty(logits_of(noisy), clean_logits, mask)
+        noisy_logits = self._noisy_pass(noisy_forward, noise, ascent=False)
+        return self._penalty(noisy_logits, clean_logits, mask)
 
     def remove(self) -> None:
         """Remove every hook; the model is exactly as before. Safe to call twice."""
@@ -243,7 +245,7 @@ class SmartRegularizer(PerturbationRegularizer):
     # -- internals ----------------------------------------------------------------------------
 
     def _batch_dim(self) -> int:
-        return self.stacks[0].batch_dim if len(self.stacks) == 1 else 0
+        return self._hooks.batch_dim(0) if len(self.stacks) == 1 else 0
 
     def _project(self, x: torch.Tensor) -> torch.Tensor:
         # MT-DNN's _norm_grad: divide by (norm + epsilon). Not rapt_reg.noise.scale_noise, which
@@ -259,7 +261,11 @@ class SmartRegularizer(PerturbationRegularizer):
             size = x.square().sum(dim=dims, keepdim=True).sqrt()
         return x / (size + self.epsilon)
 
-    def _noisy_pass(self, forward: Callable[[], Output], noise: _Noise, *, ascent: bool) -> Any:
+    def _noisy_pass(
+        self, forward: Callable[[], Output], noise: _Noise, *, ascent: bool
+    ) -> torch.Tensor:
+        """The logits of one pass with ``noise`` on the embedding output."""
+
         def perturb(hidden: torch.Tensor, batch_dim: int) -> torch.Tensor:
             # Called again with the same hidden states when a checkpointed first block is
             # recomputed in backward: it must return the same tensor (the same leaf, in an
@@ -281,12 +287,9 @@ class SmartRegularizer(PerturbationRegularizer):
                 )
             return noise.value if ascent else noise.value.detach()
 
-        with self._hooks.armed(Pass(layer=0, perturb=perturb)) as p:
-            p.output = forward()
-        self._settle_stack(self._hooks, p)
-        self._verify(p)
-        self._last_noise_ratio = p.noise_ratio
-        return p.output
+        p = NoisyPass(layer=0, perturb=perturb)
+        self._run_noisy(self._hooks, forward, p)
+        return keep_alive(logits_of(p.output), p.replay)
 
 
 @dataclass

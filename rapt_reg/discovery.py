@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional, Union
 
 from torch import nn
@@ -38,18 +38,24 @@ class BlockStack:
             forward (ALBERT's shared layer): layers are counted by call, not by module.
         calls_per_forward: How many block calls one forward makes (``len(blocks)`` unless the
             model's config reports more layers than the stack has modules).
-        batch_dim: The dimension of the hidden states that indexes examples (1 for
-            ``nn.TransformerEncoderLayer`` with ``batch_first=False``).
+        batch_dim: The dimension of the hidden states that indexes examples: from a
+            ``batch_first`` attribute in the block (1 for ``nn.TransformerEncoderLayer`` with
+            ``batch_first=False``), or given as ``batch_dim=``; None when neither says, and
+            the first forward decides (see :func:`rapt_reg.hooks.infer_batch_dim`).
     """
 
     path: str
     names: tuple[str, ...]
     blocks: tuple[nn.Module, ...]
     calls_per_forward: int
-    batch_dim: int = 0
+    batch_dim: Optional[int] = None
 
     def __len__(self) -> int:
         return len(self.blocks)
+
+    def with_batch_dim(self, batch_dim: int) -> BlockStack:
+        """This stack with ``batch_dim`` set by the user."""
+        return replace(self, batch_dim=batch_dim)
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
@@ -82,11 +88,13 @@ def _has_attention(block: nn.Module) -> bool:
     return False
 
 
-def _batch_dim(block: nn.Module) -> int:
+def _batch_dim(block: nn.Module) -> Optional[int]:
+    """0 or 1 from the first ``batch_first`` attribute in the block, else None (unknown)."""
     for module in block.modules():
-        if isinstance(module, nn.MultiheadAttention):
-            return 0 if module.batch_first else 1
-    return 0
+        batch_first = getattr(module, "batch_first", None)
+        if isinstance(batch_first, bool):
+            return 0 if batch_first else 1
+    return None
 
 
 def _layer_count_hint(model: nn.Module) -> Optional[int]:

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import abc
-import functools
 import math
+import random
 import warnings
 from typing import Any, Callable, Optional, TypeVar, Union
 
@@ -20,13 +20,18 @@ from .discovery import (
     resolve_blocks,
 )
 from .errors import RaptRegError
-from .hooks import Pass, StackHooks
+from .hooks import NoisyPass, Perturb, StackHooks
 from .noise import NORMS, sample_noise
+from .replay import keep_alive
 
 Output = Any
 """A model output: a logits tensor ``[..., C]`` or an object with a ``.logits`` tensor."""
 
 NONFINITE_POLICIES = ("raise", "skip")
+
+# Deferred checks (non-finite penalty, exactly-zero penalty) are read on the host at most this
+# many calls apart, and at every stats(): a step adds no tensor-to-host conversion.
+CHECK_EVERY = 100
 
 _Reg = TypeVar("_Reg", bound="PerturbationRegularizer")
 
@@ -56,13 +61,39 @@ def check_number(name: str, value: float, *, allow_zero: bool = True) -> float:
     return float(value)
 
 
+class _GradGate(torch.autograd.Function):
+    """Identity whose backward lets the gradient through only where ``gate.open`` is true.
+
+    The penalty's finiteness is known only after the divergence ran, as a device tensor; gating
+    the logits' gradients on it keeps a non-finite penalty from reaching the weights without
+    reading it on the host.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, gate: _Gate) -> torch.Tensor:
+        ctx.gate = gate
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        is_open = ctx.gate.open
+        return torch.where(is_open, grad, torch.zeros_like(grad)), None
+
+
+class _Gate:
+    open: Optional[torch.Tensor] = None
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return _GradGate.apply(x, self) if x.requires_grad else x
+
+
 class PerturbationRegularizer(abc.ABC):
     """The call shape RAPT, SMART and R3F share, and what goes with it.
 
     ``reg(noisy_forward, clean_output, mask=None)`` runs the noisy pass(es) and returns
-    ``alpha * divergence(noisy, clean)``; ``reg.pair(forward, mask=None)`` runs the clean pass
-    too; ``remove()`` (or leaving a ``with`` block) takes the hooks away. In eval mode the
-    penalty is 0 (said once). Subclasses implement ``__call__`` and ``remove``.
+    ``alpha * divergence(noisy, clean)``; ``reg.pair(forward, mask=None)`` runs the clean pass,
+    then exactly that; ``remove()`` (or leaving a ``with`` block) takes the hooks away. In eval
+    mode the penalty is 0 (said once). Subclasses implement ``__call__`` and ``remove``.
     """
 
     _stats_prefix = "rapt"
@@ -82,20 +113,32 @@ class PerturbationRegularizer(abc.ABC):
                 f"model must be an nn.Module instance, got {model!r}"
                 + (": instantiate it first" if isinstance(model, type) else "")
             )
+        if isinstance(model, nn.DataParallel):
+            raise RaptRegError(
+                "nn.DataParallel is not supported: its replicas run in threads that would share "
+                "this regularizer's hooks and noise. Use DistributedDataParallel (one process "
+                "per device, torch.distributed) and build the regularizer on the DDP model."
+            )
         if nonfinite not in NONFINITE_POLICIES:
             raise RaptRegError(f"unknown nonfinite={nonfinite!r}: use one of {NONFINITE_POLICIES}")
-        if generator is not None and generator.device.type != "cpu":
+        if generator is not None and (
+            not isinstance(generator, torch.Generator) or generator.device.type != "cpu"
+        ):
             raise RaptRegError("generator must be a CPU torch.Generator (noise is seeded from it)")
         self.model = model
         self.alpha = check_number("alpha", alpha)
         self.divergence = div.resolve(divergence)
-        self.generator = generator
         self.nonfinite = nonfinite
-        self.skipped_steps = 0
         self.stacks: list[BlockStack] = []
+        # Layers and seeds come from a Python RNG seeded once, here, from the generator (or
+        # the global RNG): a step then draws without touching any tensor or the global RNG.
+        seed_source = torch.randint(0, 2**62, (), generator=generator)
+        self._rng = random.Random(int(seed_source))
         self._noise_generators: dict[torch.device, torch.Generator] = {}
         self._warned_eval = False
         self._last_noise_ratio: Optional[torch.Tensor] = None
+        self._skipped = 0  # steps known (on the host) to have been skipped
+        self._pending: list[tuple[torch.Tensor, torch.Tensor]] = []  # (finite, zero) per call
 
     @abc.abstractmethod
     def __call__(
@@ -110,7 +153,11 @@ class PerturbationRegularizer(abc.ABC):
     def pair(
         self, forward: Callable[[], Output], *, mask: Optional[torch.Tensor] = None
     ) -> tuple[Output, torch.Tensor]:
-        """Run the clean pass, then the noisy pass(es) on the same batch.
+        """Run the clean pass, then ``self(forward, clean_output, mask=mask)``.
+
+        Exactly the two-call form, so buffers (BatchNorm statistics), auxiliary outputs (MoE
+        router logits), collectives (DDP, FSDP) and gradients are those of
+        ``clean = forward(); penalty = reg(forward, clean)``.
 
         Args:
             forward: Zero-argument callable running the model on the batch.
@@ -123,8 +170,18 @@ class PerturbationRegularizer(abc.ABC):
         clean_output = forward()
         return clean_output, self(forward, clean_output, mask=mask)
 
+    @property
+    def skipped_steps(self) -> int:
+        """Steps whose penalty was not finite and was replaced by 0 (reads pending checks)."""
+        self._read_checks()
+        return self._skipped
+
     def stats(self) -> dict[str, float]:
-        """Telemetry for logging: noise-to-hidden norm ratio of the last pass, skipped steps."""
+        """Telemetry for logging: noise-to-hidden norm ratio of the last pass, skipped steps.
+
+        Reading them is a host sync; this is also where deferred checks raise (see
+        ``nonfinite``).
+        """
         ratio = self._last_noise_ratio
         return {
             f"{self._stats_prefix}/noise_to_hidden_ratio": math.nan
@@ -138,6 +195,23 @@ class PerturbationRegularizer(abc.ABC):
         """``||delta|| / ||h||`` where the last noise went (whole batch, Frobenius norms)."""
         return None if self._last_noise_ratio is None else float(self._last_noise_ratio)
 
+    def state_dict(self) -> dict[str, Any]:
+        """What a resumed run needs to draw the same layers and noise as an uninterrupted one.
+
+        The global RNG (dropout) is not part of it: save ``torch.get_rng_state()`` with it.
+        """
+        return {"format": 1, "rng": self._rng.getstate(), "skipped_steps": self.skipped_steps}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned."""
+        if not isinstance(state, dict) or state.get("format") != 1:
+            raise RaptRegError(
+                "not a rapt_reg state dict (expected the dict returned by reg.state_dict())"
+            )
+        self._rng.setstate(_as_rng_state(state["rng"]))
+        self._skipped = int(state["skipped_steps"])
+        self._pending = []
+
     @abc.abstractmethod
     def remove(self) -> None:
         """Remove every hook; the model is exactly as before. Safe to call twice."""
@@ -150,13 +224,25 @@ class PerturbationRegularizer(abc.ABC):
 
     # -- for subclasses -------------------------------------------------------------------------
 
-    def _find_stacks(self, blocks: BlocksSpec, prefer: Optional[str]) -> StackHooks:
-        """Discover (or resolve ``blocks=``) the candidate stacks and hook them."""
+    def _find_stacks(
+        self, blocks: BlocksSpec, prefer: Optional[str], batch_dim: Optional[int] = None
+    ) -> list[BlockStack]:
+        """Discover (or resolve ``blocks=``) the candidate stacks; installs nothing."""
         if blocks is not None:
-            self.stacks = [resolve_blocks(self.model, blocks)]
+            stacks = [resolve_blocks(self.model, blocks)]
         else:
-            self.stacks = find_block_stacks(self.model, prefer=prefer)
-        return StackHooks([s.blocks for s in self.stacks], [s.batch_dim for s in self.stacks])
+            stacks = find_block_stacks(self.model, prefer=prefer)
+        if batch_dim is not None:
+            stacks = [s.with_batch_dim(batch_dim) for s in stacks]
+        return stacks
+
+    def _install(self) -> StackHooks:
+        """Hook the blocks of ``self.stacks``: the constructor's last step, after every check."""
+        return StackHooks(
+            [s.blocks for s in self.stacks],
+            [s.batch_dim for s in self.stacks],
+            [s.calls_per_forward > len(s.blocks) for s in self.stacks],
+        )
 
     @property
     def stack(self) -> BlockStack:
@@ -167,7 +253,16 @@ class PerturbationRegularizer(abc.ABC):
             raise ambiguity_error(self.stacks)
         return self.stacks[0]
 
-    def _settle_stack(self, hooks: StackHooks, p: Pass) -> None:
+    def _run_noisy(self, hooks: StackHooks, forward: Callable[[], Output], p: NoisyPass) -> None:
+        """Run ``forward`` with ``p`` armed, on an RNG stream of its own; verify the noise."""
+        stream = hooks.replays.stream(self._rng.getrandbits(62), self._devices())
+        with stream, hooks.armed(p):
+            p.output = forward()
+        self._settle_stack(hooks, p)
+        self._verify(p)
+        self._last_noise_ratio = p.noise_ratio
+
+    def _settle_stack(self, hooks: StackHooks, p: NoisyPass) -> None:
         """After a forward: refuse an ambiguous model, or keep only the stack that ran."""
         if p.others:
             assert p.stack is not None
@@ -176,7 +271,7 @@ class PerturbationRegularizer(abc.ABC):
             hooks.keep_only(p.stack)
             self.stacks = [self.stacks[p.stack]]
 
-    def _verify(self, p: Pass) -> None:
+    def _verify(self, p: NoisyPass) -> None:
         """Raise, naming the causes, when the noise of a finished pass did not reach the model."""
         if p.applied:
             return
@@ -201,6 +296,9 @@ class PerturbationRegularizer(abc.ABC):
             return any(b.training for s in self.stacks for b in s.blocks)
         return self.model.training
 
+    def _devices(self) -> set[torch.device]:
+        return {p.device for p in self.model.parameters()}
+
     def _check_callable(self, fn: object, name: str = "noisy_forward") -> None:
         if not callable(fn):
             raise RaptRegError(
@@ -223,12 +321,8 @@ class PerturbationRegularizer(abc.ABC):
         return logits.new_zeros((), dtype=torch.promote_types(logits.dtype, torch.float32))
 
     def _draw_seed(self) -> int:
-        """A noise seed, drawn before any forward from the generator (or the global RNG).
-
-        Nothing inside the forward then consumes the global RNG: dropout masks are those of a
-        run without the regularizer, and a checkpoint's recomputation replays the same noise.
-        """
-        return int(torch.randint(0, 2**62, (), generator=self.generator))
+        """A noise seed for this step, from this regularizer's own RNG (no tensor involved)."""
+        return self._rng.getrandbits(62)
 
     def _noise_source(self, device: torch.device, seed: int) -> torch.Generator:
         """This regularizer's generator on ``device``, seeded with ``seed``."""
@@ -243,7 +337,12 @@ class PerturbationRegularizer(abc.ABC):
         clean_logits: torch.Tensor,
         mask: Optional[torch.Tensor],
     ) -> torch.Tensor:
-        """``alpha * divergence``, after checking the outputs; applies the ``nonfinite`` policy."""
+        """``alpha * divergence``, with the ``nonfinite`` policy applied on the device.
+
+        A non-finite value is replaced by 0 and its gradient stopped, without a host sync; the
+        step is counted, and with ``nonfinite="raise"`` the error is raised at the next check
+        (the next :meth:`stats` call, or at most ``CHECK_EVERY`` calls later).
+        """
         div.check_outputs(noisy_logits, clean_logits)
         if torch.is_grad_enabled() and not (
             noisy_logits.requires_grad or clean_logits.requires_grad
@@ -253,20 +352,49 @@ class PerturbationRegularizer(abc.ABC):
                 "parameters frozen, or was the clean pass run under torch.no_grad()? "
                 "(To only log the penalty, call the regularizer under torch.no_grad().)"
             )
-        penalty = self.alpha * div.reduce_divergence(
-            self.divergence, noisy_logits, clean_logits, mask
-        )
-        value = float(penalty.detach())  # one host sync per step
-        if math.isfinite(value):
-            return penalty
-        if self.nonfinite == "skip":
-            self.skipped_steps += 1
-            return penalty.new_zeros(())
-        raise RaptRegError(
-            f"the {type(self).__name__} penalty is {value}: the noisy or the clean output holds "
-            f"NaN/inf (check the clean loss and the learning rate, lower {self._noise_knob}, or "
-            "pass nonfinite='skip' to skip such steps)."
-        )
+        self._maybe_read_checks()
+        gate = _Gate()
+        value = div.reduce_divergence(self.divergence, gate(noisy_logits), gate(clean_logits), mask)
+        gate.open = finite = torch.isfinite(value).detach()
+        penalty = self.alpha * torch.where(finite, value, torch.zeros_like(value))
+        zero = (value == 0).detach() if noisy_logits.numel() else torch.zeros_like(finite)
+        if mask is not None:
+            zero = zero & mask.any()
+        self._pending.append((finite, zero))
+        return penalty
+
+    def _maybe_read_checks(self) -> None:
+        if len(self._pending) >= CHECK_EVERY:
+            self._read_checks()
+
+    def _read_checks(self) -> None:
+        """Read the deferred checks on the host (one sync) and act on them."""
+        if not self._pending:
+            return
+        finite = torch.stack([f for f, _ in self._pending]).cpu()
+        zero = torch.stack([z for _, z in self._pending]).cpu()
+        self._pending = []
+        bad = int((~finite).sum())
+        self._skipped += bad
+        if bad and self.nonfinite == "raise":
+            raise RaptRegError(
+                f"the {type(self).__name__} penalty was NaN/inf in {bad} of the last "
+                f"{len(finite)} steps (those steps' penalty was replaced by 0 and reached no "
+                "weight): the noisy or the clean output holds NaN/inf. Check the clean loss and "
+                f"the learning rate, lower {self._noise_knob}, or pass nonfinite='skip' to skip "
+                "such steps."
+            )
+        self._on_zero_penalty(bool(zero.any()))
+
+    def _on_zero_penalty(self, seen: bool) -> None:  # noqa: B027 (a no-op by default)
+        """Told, at each deferred check, whether a penalty was exactly 0 (RAPT warns)."""
+
+
+def _as_rng_state(state: Any) -> Any:
+    """``random.Random.setstate`` wants tuples; a state that went through JSON has lists."""
+    if isinstance(state, list):
+        return tuple(_as_rng_state(s) for s in state)
+    return state
 
 
 class RandomPerturbationRegularizer(PerturbationRegularizer):
@@ -279,12 +407,13 @@ class RandomPerturbationRegularizer(PerturbationRegularizer):
     ``alpha * divergence(f(x + delta_r), f(x))`` (Eq. 2 of the paper).
 
     The blocks are found by :func:`rapt_reg.find_transformer_blocks`; hooks are installed once
-    and stay idle outside a call. Nothing is added to the model; :meth:`remove` (or leaving a
-    ``with`` block) takes the hooks away.
+    (after every argument is checked) and stay idle outside a call. Nothing is added to the
+    model; :meth:`remove` (or leaving a ``with`` block) takes the hooks away.
 
     Args:
-        model: The model (DDP, FSDP, ``torch.compile`` and PEFT wrappers are seen through).
-            Build the regularizer *before* ``torch.compile`` runs the model.
+        model: The model (DDP, FSDP, ``torch.compile`` and PEFT wrappers are seen through;
+            ``nn.DataParallel`` is refused). Build the regularizer *before* ``torch.compile``
+            runs the model.
         eta: Noise size: every example's noise has this inf-norm (the paper's eta).
         max_layer: Highest layer that can be perturbed (the paper's max_layer; 3 in the paper).
         min_layer: Lowest layer (1 in the paper; 0 adds the embedding output).
@@ -295,15 +424,23 @@ class RandomPerturbationRegularizer(PerturbationRegularizer):
         divergence: ``"sym_kl"`` (MT-DNN's symmetric KL, default), ``"kl"``, ``"js"``,
             ``"mse"``, or a callable ``(noisy_logits, clean_logits) -> per-position values``.
         blocks: Override discovery: a dotted path or a list of modules/paths.
-        generator: A CPU ``torch.Generator``: the layer and the noise come from it alone and the
-            global RNG is untouched. None uses the global RNG.
+        generator: A CPU ``torch.Generator`` that seeds this regularizer's own RNG once, at
+            construction; None takes that one seed from the global RNG. Either way no step
+            draws from the global RNG afterwards.
         per_token: Scale each position's noise to ``eta`` instead of each example's.
         prefer: Part of a dotted path that wins when the model has several stacks of blocks.
-        nonfinite: ``"raise"`` (default) raises when the penalty is NaN/inf; ``"skip"`` returns
-            a zero penalty for that step and counts it in :meth:`stats`.
+        nonfinite: What a NaN/inf penalty does. Either way that step's penalty becomes 0 and
+            reaches no weight, decided on the device; ``"raise"`` (default) then raises at the
+            next check (:meth:`stats`, or within ``CHECK_EVERY`` calls), ``"skip"`` only
+            counts it in :meth:`stats`.
+        batch_dim: The dimension of the blocks' hidden states that indexes examples. None
+            detects it: a ``batch_first`` attribute in the block, else from the first forward
+            (a ``[batch, seq]`` mask argument of a block given ``[seq, batch, C]`` states
+            marks a sequence-first layout), else 0.
 
     Raises:
-        ValueError: (a :class:`RaptRegError`) for bad arguments or when no blocks are found.
+        ValueError: (a :class:`RaptRegError`) for bad arguments or when no blocks are found;
+            the model is then left exactly as it was.
 
     Example:
         >>> layer = nn.TransformerEncoderLayer(16, 2, dropout=0.0, batch_first=True)
@@ -335,6 +472,7 @@ class RandomPerturbationRegularizer(PerturbationRegularizer):
         per_token: bool = False,
         prefer: Optional[str] = "encoder",
         nonfinite: str = "raise",
+        batch_dim: Optional[int] = None,
     ) -> None:
         super().__init__(
             model, alpha=alpha, divergence=divergence, generator=generator, nonfinite=nonfinite
@@ -347,14 +485,17 @@ class RandomPerturbationRegularizer(PerturbationRegularizer):
             raise RaptRegError(f"min_layer={min_layer} is greater than max_layer={max_layer}")
         if norm not in NORMS:
             raise RaptRegError(f"unknown norm {norm!r}: use one of {NORMS}")
+        if batch_dim is not None and (
+            isinstance(batch_dim, bool) or not isinstance(batch_dim, int) or batch_dim < 0
+        ):
+            raise RaptRegError(f"batch_dim must be None or an int >= 0, got {batch_dim!r}")
         self.max_layer, self.min_layer = max_layer, min_layer
         self.norm, self.per_token = norm, per_token
-        self._hooks = self._find_stacks(blocks, prefer)
+        self.stacks = self._find_stacks(blocks, prefer, batch_dim)
         self._check_max_layer()
-        self._reuse_prefix = True
         self._warned_zero = False
         self.last_layer: Optional[int] = None
-        self.last_prefix_reused: Optional[bool] = None
+        self._hooks = self._install()
 
     # -- public API ---------------------------------------------------------------------------
 
@@ -379,64 +520,20 @@ class RandomPerturbationRegularizer(PerturbationRegularizer):
             ``noisy_forward`` not run) when the model is in eval mode.
 
         Raises:
-            RaptRegError: if the noise did not reach the model, the outputs do not match, or
-                the penalty is not finite (with ``nonfinite="raise"``).
+            RaptRegError: if the noise did not reach the model or the outputs do not match.
         """
         self._check_callable(noisy_forward)
         clean_logits = logits_of(clean_output)
         if not self._training():
             return self._eval_penalty(clean_logits)
-        p = self._noisy_pass(noisy_forward, self._draw(), saved=None)
-        return self._penalty(logits_of(p.output), clean_logits, mask)
-
-    def pair(
-        self, forward: Callable[[], Output], *, mask: Optional[torch.Tensor] = None
-    ) -> tuple[Output, torch.Tensor]:
-        """Run the clean pass and a noisy pass that reuses the clean pass up to layer r.
-
-        Blocks ``1..r`` of the noisy pass run on one example only and their recorded clean
-        outputs are used, so the noisy pass costs about the blocks after r. With dropout off
-        this gives the same penalty and gradients as ``reg(forward, forward())`` for the same r
-        and noise; with dropout on, the reused prefix shares the clean pass's dropout masks. For
-        r = 0 nothing is reused. The prefix is recomputed instead (as in the two-pass form) inside
-        a ``torch.utils.checkpoint`` region, while dynamo traces, and for sequence-first
-        layouts; ``reg.last_prefix_reused`` says which happened. Where a block cannot run on the
-        cut inputs, ``pair`` warns once and recomputes whole noisy passes from then on.
-
-        Args:
-            forward: Zero-argument callable running the model on the batch.
-            mask: As in :meth:`__call__`.
-
-        Returns:
-            ``(clean_output, penalty)``.
-        """
-        self._check_callable(forward, "forward")
-        if not self._training():
-            clean_output = forward()
-            return clean_output, self._eval_penalty(logits_of(clean_output))
-        layer, seed = self._draw()
-        saved: Optional[dict[int, Any]] = {} if self._reuse_prefix and layer > 0 else None
-        with self._hooks.armed(Pass(layer=layer, saved=saved)) as clean:
-            clean_output = forward()
-        self._settle_stack(self._hooks, clean)
-        reusing = Pass(layer=layer, saved=saved)
-        try:
-            p = self._noisy_pass(forward, (layer, seed), saved=saved, observe=reusing)
-        except RaptRegError:
-            raise
-        except Exception as exc:
-            if not reusing.reused:
-                raise  # the fault came before any reused block: not the reuse's doing
-            # Reusing the prefix runs blocks 1..r on one example; a block that cannot take
-            # the cut inputs lands here. Recompute the whole noisy pass instead, from now on.
-            p = self._noisy_pass(forward, (layer, seed), saved=None)
-            self._reuse_prefix = False
-            warnings.warn(
-                f"pair() could not reuse the clean prefix for this model ({exc!r}); it now "
-                "recomputes the whole noisy pass, as reg(noisy_forward, clean_output) does.",
-                stacklevel=2,
-            )
-        return clean_output, self._penalty(logits_of(p.output), logits_of(clean_output), mask)
+        # Algorithm 1: choose r, draw the noise (in the hook, at layer r), compare the outputs.
+        layer = self._rng.randint(self.min_layer, self.max_layer)
+        seed = self._draw_seed()
+        p = NoisyPass(layer=layer, perturb=self._perturbation(seed))
+        self._run_noisy(self._hooks, noisy_forward, p)
+        self.last_layer = layer
+        noisy_logits = keep_alive(logits_of(p.output), p.replay)
+        return self._penalty(noisy_logits, clean_logits, mask)
 
     def stats(self) -> dict[str, float]:
         """Telemetry for logging: last layer, noise-to-hidden norm ratio, skipped steps."""
@@ -457,46 +554,26 @@ class RandomPerturbationRegularizer(PerturbationRegularizer):
 
     # -- internals ------------------------------------------------------------------------------
 
-    def _draw(self) -> tuple[int, int]:
-        """Layer r for this step and the seed of its noise (see ``_draw_seed``)."""
-        layer = int(torch.randint(self.min_layer, self.max_layer + 1, (), generator=self.generator))
-        return layer, self._draw_seed()
+    def _perturbation(self, seed: int) -> Perturb:
+        """``delta = eta * d / ||d||_inf``, ``d ~ N(0, sigma^2 I)``; the same for one ``seed``."""
 
-    @torch.compiler.disable
-    def _sample(self, hidden: torch.Tensor, batch_dim: int, seed: int) -> torch.Tensor:
-        return sample_noise(
-            hidden.shape,
-            eta=self.eta,
-            sigma=self.sigma,
-            norm=self.norm,
-            batch_dim=batch_dim,
-            per_token=self.per_token,
-            dtype=hidden.dtype,
-            device=hidden.device,
-            generator=self._noise_source(hidden.device, seed),
-        )
+        @torch.compiler.disable
+        def perturb(hidden: torch.Tensor, batch_dim: int) -> torch.Tensor:
+            return sample_noise(
+                hidden.shape,
+                eta=self.eta,
+                sigma=self.sigma,
+                norm=self.norm,
+                batch_dim=batch_dim,
+                per_token=self.per_token,
+                dtype=hidden.dtype,
+                device=hidden.device,
+                generator=self._noise_source(hidden.device, seed),
+            )
 
-    def _noisy_pass(
-        self,
-        forward: Callable[[], Output],
-        draw: tuple[int, int],
-        *,
-        saved: Optional[dict[int, Any]],
-        observe: Optional[Pass] = None,
-    ) -> Pass:
-        layer, seed = draw
-        p = observe or Pass(layer=layer, saved=saved)
-        p.perturb = functools.partial(self._sample, seed=seed)
-        with self._hooks.armed(p):
-            p.output = forward()
-        self._settle_stack(self._hooks, p)
-        self._verify(p)
-        self.last_layer = layer
-        self.last_prefix_reused = p.reused == layer if layer > 0 else None
-        self._last_noise_ratio = p.noise_ratio
-        return p
+        return perturb
 
-    def _settle_stack(self, hooks: StackHooks, p: Pass) -> None:
+    def _settle_stack(self, hooks: StackHooks, p: NoisyPass) -> None:
         super()._settle_stack(hooks, p)
         if len(self.stacks) == 1:
             self._check_max_layer()
@@ -511,29 +588,16 @@ class RandomPerturbationRegularizer(PerturbationRegularizer):
                 f"max_layer <= {depth}"
             )
 
-    def _penalty(
-        self,
-        noisy_logits: torch.Tensor,
-        clean_logits: torch.Tensor,
-        mask: Optional[torch.Tensor],
-    ) -> torch.Tensor:
-        penalty = super()._penalty(noisy_logits, clean_logits, mask)
-        if (
-            not self._warned_zero
-            and self.eta > 0
-            and self.alpha > 0
-            and noisy_logits.numel() > 0  # an empty batch, or all positions masked, gives 0
-            and float(penalty.detach()) == 0.0
-            and (mask is None or bool(mask.any()))
-        ):
-            self._warned_zero = True
-            where = self.stacks[0].path or ",".join(self.stacks[0].names)
-            warnings.warn(
-                f"the RAPT penalty is exactly 0 although noise of size eta={self.eta} was added "
-                f"at layer {self.last_layer} of {where!r}: either the output does not depend on "
-                "that stack (pass blocks= naming the blocks whose output the model uses), or "
-                "the noise is below the resolution of the hidden states' dtype, e.g. bfloat16 "
-                "(raise eta, or train in float32 with autocast). This is said once.",
-                stacklevel=3,
-            )
-        return penalty
+    def _on_zero_penalty(self, seen: bool) -> None:
+        if not seen or self._warned_zero or self.eta == 0 or self.alpha == 0:
+            return
+        self._warned_zero = True
+        where = self.stacks[0].path or ",".join(self.stacks[0].names)
+        warnings.warn(
+            f"the RAPT penalty was exactly 0 although noise of size eta={self.eta} was added "
+            f"to {where!r}: either the output does not depend on that stack (pass blocks= "
+            "naming the blocks whose output the model uses), or the noise is below the "
+            "resolution of the hidden states' dtype, e.g. bfloat16 (raise eta, or train in "
+            "float32 with autocast). This is said once.",
+            stacklevel=4,
+        )

@@ -30,6 +30,9 @@ TEST_FILES = [
     "tests/test_architectures.py",
     "tests/test_stacks.py",
     "tests/test_distributed.py",
+    "tests/test_fsdp.py",
+    "tests/test_checkpoint.py",
+    "tests/test_pair.py",
     "tests/test_integrations.py",
 ]
 PACKAGES = ["torch", "transformers", "peft", "accelerate", "lightning"]
@@ -64,7 +67,7 @@ ARCHITECTURE_NOTES = {
     "forward equal the configured number of layers",
     "noise reaches the output (every layer)": "for each layer 0..depth and both `reg(...)` and "
     "`reg.pair(...)`: penalty > 0 with dropout off, finite gradients reaching the blocks, and "
-    "`pair` (which reuses the clean prefix) gives the same penalty and gradients as `reg`",
+    "`pair` gives the same penalty and gradients as `reg`",
     "training steps": "three AdamW steps with the penalty: finite loss, parameters updated",
     "model as before": "train- and eval-mode outputs bitwise equal before construction, after "
     "penalty calls and after `remove()`; every module's hooks, attributes and `state_dict` "
@@ -83,6 +86,9 @@ STACKS = {
     "test_reentrant_checkpoint_pair_matches_pair_without_checkpointing": "Gradient checkpointing",
     "test_checkpoint_spanning_several_blocks_gives_the_same_gradients": "Gradient checkpointing",
     "test_checkpoint_with_two_noisy_passes_before_backward": "Gradient checkpointing",
+    "test_any_checkpoint_layout_gives_the_unchecked_gradients": "Gradient checkpointing",
+    "test_checkpoint_sequential_is_exact": "Gradient checkpointing",
+    "test_at_least_300_layouts_were_generated": "Gradient checkpointing",
     "test_transformers_reentrant_checkpointing_gives_the_same_gradients": (
         "Gradient checkpointing"
     ),
@@ -93,6 +99,10 @@ STACKS = {
     "test_regularizer_sees_through_the_compiled_wrapper": "torch.compile",
     "test_deepcopy_of_a_model_with_hooks_is_independent": "Model copies",
     "test_gradients_are_reduced_and_equal_across_ranks": "DDP (gloo, 2 processes)",
+    "test_fsdp2_gives_ddp_gradients_with_ranks_on_different_layers": "FSDP2 (gloo, 2 processes)",
+    "test_data_parallel_is_refused_naming_ddp": "nn.DataParallel",
+    "test_batchnorm_statistics_equal_the_two_call_form": "pair = two calls",
+    "test_moe_router_logits_and_aux_loss_equal_the_two_call_form": "pair = two calls",
     "test_lora_model_is_seen_through": "PEFT / LoRA",
     "test_accelerate_prepare_bf16_with_accumulation": "accelerate",
     "test_lightning_module_with_the_mixin_trains": "Lightning",

@@ -2,6 +2,7 @@
 
 import copy
 import math
+import random
 import warnings
 from collections import Counter
 
@@ -31,11 +32,13 @@ def batch(seed=0, size=3, length=6):
 
 def reference_noise(generator_seed, shape, eta, min_layer, max_layer):
     """The layer and noise of Algorithm 1 (lines 3, 5, 6), drawn as the regularizer documents:
-    a layer and a seed from the generator, then delta ~ N(0, I) scaled to eta * d / ||d||_inf.
+    one seed from the generator at construction seeds a Python RNG; per step it gives a layer
+    and a noise seed, then delta ~ N(0, I) is scaled to eta * d / ||d||_inf.
     """
     gen = torch.Generator().manual_seed(generator_seed)
-    layer = int(torch.randint(min_layer, max_layer + 1, (), generator=gen))
-    seed = int(torch.randint(0, 2**62, (), generator=gen))
+    rng = random.Random(int(torch.randint(0, 2**62, (), generator=gen)))
+    layer = rng.randint(min_layer, max_layer)
+    seed = rng.getrandbits(62)
     d = torch.randn(shape, generator=torch.Generator().manual_seed(seed))
     return layer, eta * d / d.abs().amax(dim=(1, 2), keepdim=True)
 
@@ -95,7 +98,8 @@ def test_gradients_equal_hand_written_algorithm_1(layer, form):
     got = grads(model)
     assert got.keys() == expected.keys()
     for name in expected:
-        torch.testing.assert_close(got[name], expected[name], rtol=1e-5, atol=1e-8, msg=name)
+        # float32: the two computations round differently, by up to about 3e-8 here
+        torch.testing.assert_close(got[name], expected[name], rtol=1e-5, atol=1e-7, msg=name)
 
 
 def record_block_inputs(model):
@@ -173,9 +177,8 @@ def test_pair_equals_two_pass_on_token_outputs_with_mask(layer):
             clean = model(ids)
             penalty = reg(lambda: model(ids), clean, mask=mask)  # noqa: B023
         (clean.sum() * 0.01 + penalty).backward()
-        results.append((penalty.detach(), grads(model), reg.last_prefix_reused))
-    (p1, g1, reused), (p2, g2, _) = results
-    assert reused is (True if layer > 0 else None)
+        results.append((penalty.detach(), grads(model)))
+    (p1, g1), (p2, g2) = results
     torch.testing.assert_close(p1, p2)
     for name in g2:
         torch.testing.assert_close(g1[name], g2[name], msg=name)
@@ -215,18 +218,41 @@ def test_generator_makes_runs_reproducible_and_leaves_global_rng_alone():
     assert torch.equal(runs[0][2], runs[1][2])
 
 
-def test_global_rng_is_not_consumed_inside_the_forward():
-    """Dropout masks of the noisy pass are those the same forward would draw without RAPT."""
+@pytest.mark.parametrize("generator", [None, "seeded"])
+@pytest.mark.parametrize("form", ["pair", "call"])
+def test_a_step_leaves_the_global_rng_as_a_step_without_rapt(form, generator):
+    """The clean pass's dropout masks, and every later draw, are those of a run without RAPT.
+
+    The noisy pass runs on an RNG stream of its own; the regularizer takes one number from the
+    generator (or the global RNG) when it is built, and none per step.
+    """
     model = make_model(dropout=0.5)
-    ids, _ = batch()
-    reg = RandomPerturbationRegularizer(
-        model, eta=0.0, min_layer=0, max_layer=DEPTH, generator=torch.Generator()
-    )
+    ids, labels = batch()
+    gen = torch.Generator().manual_seed(0) if generator else None
+    reg = RandomPerturbationRegularizer(model, min_layer=0, max_layer=DEPTH, generator=gen)
+    noisy_outputs = []
+
+    def noisy_forward():
+        noisy_outputs.append(model(ids))
+        return noisy_outputs[-1]
+
     for _ in range(3):
         torch.manual_seed(1)
         plain = model(ids)
+        F.cross_entropy(plain, labels).backward()
+        after_plain = torch.get_rng_state()
         torch.manual_seed(1)
-        assert reg(lambda: model(ids), plain).item() == 0.0
+        if form == "pair":
+            clean, penalty = reg.pair(noisy_forward)
+        else:
+            clean = model(ids)
+            penalty = reg(noisy_forward, clean)
+        (F.cross_entropy(clean, labels) + penalty).backward()
+        assert torch.equal(clean, plain)
+        assert torch.equal(torch.get_rng_state(), after_plain)
+        assert penalty.item() > 0
+    # each step's noisy pass draws dropout masks of its own
+    assert not torch.equal(noisy_outputs[-1], noisy_outputs[-2])
 
 
 def test_eval_mode_gives_zero_and_warns_once():
@@ -401,11 +427,16 @@ def test_nonfinite_penalty_raises_or_skips():
     ids, _ = batch()
     clean = model(ids).detach().clone()
     clean[0, 0] = float("nan")
-    with pytest.raises(ValueError, match="penalty is nan"):
-        RandomPerturbationRegularizer(model)(lambda: model(ids), clean)
+    reg = RandomPerturbationRegularizer(model)
+    penalty = reg(lambda: model(ids), clean)
+    assert penalty.item() == 0.0
+    penalty.backward()  # the non-finite step reaches no weight: decided on the device
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+    with pytest.raises(ValueError, match="penalty was NaN/inf in 1 of the last 1 steps"):
+        reg.stats()
     reg = RandomPerturbationRegularizer(model, nonfinite="skip")
     penalty = reg(lambda: model(ids), clean)
-    assert penalty.item() == 0.0 and not penalty.requires_grad
+    assert penalty.item() == 0.0
     assert reg.skipped_steps == 1 and reg.stats()["rapt/skipped_steps"] == 1.0
 
 

@@ -139,8 +139,9 @@ def test_gradient_accumulation_sums_micro_batch_gradients(form: str, set_to_none
                 expected[name] = expected.get(name, 0) + grad
     with regularizer() as reg:
         # A stale gradient from an earlier step must be cleared by zero_grad, whatever the mode.
+        draws = reg.state_dict()
         _step(model, reg, lambda: model(_IDS), form).backward()
-        reg.generator.manual_seed(3)
+        reg.load_state_dict(draws)
         optimizer.zero_grad(set_to_none=set_to_none)
         if set_to_none:
             assert all(p.grad is None for p in model.parameters())
@@ -238,10 +239,7 @@ def test_checkpoint_around_each_block_gives_the_same_gradients(mode: str, form: 
     inside the first block's call, is replayed) or none where that is equivalent (r >= 1, added
     to the checkpoint's output).
 
-    Inside a checkpoint ``pair`` does not reuse the clean prefix (a reentrant one turns grad
-    off, a non-reentrant one would recompute the cut inputs), so its noisy pass recomputes the
-    prefix with its own dropout masks, exactly as ``reg(...)`` does: it is compared with
-    ``reg(...)`` without checkpointing.
+    ``pair`` is the two-call form, so it is compared with ``reg(...)`` without checkpointing.
     """
     reference_form = "call"
     for layer in range(5):
@@ -254,7 +252,7 @@ def test_checkpoint_around_each_block_gives_the_same_gradients(mode: str, form: 
 def test_checkpoint_spanning_several_blocks_gives_the_same_gradients(mode: str, form: str) -> None:
     """Noise added inside a region that spans later blocks is added again when it is recomputed.
 
-    Inside a checkpoint, ``pair`` cannot reuse the prefix: it equals ``reg(...)`` unwrapped.
+    ``pair`` equals ``reg(...)`` unwrapped.
     """
     for layer in range(5):
         expected = _checkpoint_run(None, layer, "call")
@@ -470,3 +468,14 @@ def test_deepcopy_of_a_model_with_hooks_is_independent() -> None:
         _, penalty = twin_reg.pair(lambda: twin(_IDS))
         assert penalty > 0 and twin_reg.last_layer == 1
     assert torch.equal(model(_IDS), twin(_IDS))
+
+
+# -- nn.DataParallel ----------------------------------------------------------------------------
+
+
+def test_data_parallel_is_refused_naming_ddp() -> None:
+    """Its replicas would run in threads sharing one regularizer's hooks: refused, with the fix."""
+    model = _tiny()
+    with pytest.raises(rapt_reg.RaptRegError, match="DistributedDataParallel"):
+        rapt_reg.RandomPerturbationRegularizer(nn.DataParallel(model))
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())

@@ -1,0 +1,397 @@
+"""Every refusal leaves the model exactly as it was, and every refusal in the core is walked.
+
+Each case raises a :class:`RaptRegError` from a constructor or from a call. Around it the model's
+hooks (which functions, by identity), attributes (by identity), buffers and ``state_dict``
+(by value) are compared with a snapshot taken just before. A tracer records which ``raise``
+statements of the core ran; the last test checks that every one of them was reached by some
+case (so a new refusal needs a case here).
+"""
+
+from __future__ import annotations
+
+import ast
+import functools
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+import pytest
+import torch
+from models import TinyTransformer
+from torch import nn
+
+import rapt_reg
+from rapt_reg import (
+    R3FRegularizer,
+    RandomPerturbationRegularizer,
+    RaptRegError,
+    SmartRegularizer,
+)
+
+CORE = ["regularizer.py", "hooks.py", "discovery.py", "baselines.py", "divergence.py", "replay.py"]
+ERRORS = {"RaptRegError", "BlockDiscoveryError", "ambiguity_error"}
+_PACKAGE = Path(rapt_reg.__file__).parent
+HIT: set[tuple[str, int]] = set()
+
+HOOK_DICTS = (
+    "_forward_hooks",
+    "_forward_pre_hooks",
+    "_forward_hooks_with_kwargs",
+    "_forward_pre_hooks_with_kwargs",
+    "_forward_hooks_always_called",
+    "_backward_hooks",
+    "_backward_pre_hooks",
+    "_state_dict_hooks",
+    "_state_dict_pre_hooks",
+    "_load_state_dict_pre_hooks",
+    "_load_state_dict_post_hooks",
+)
+
+
+def snapshot(model: nn.Module) -> tuple[dict, dict[str, torch.Tensor]]:
+    """Hooks and attributes by identity, per module; the state_dict by value."""
+    modules = {}
+    for name, module in model.named_modules():
+        modules[name] = {
+            "type": type(module),
+            "attributes": {k: id(v) for k, v in vars(module).items()},
+            "hooks": {
+                k: [(key, id(fn)) for key, fn in getattr(module, k, {}).items()] for k in HOOK_DICTS
+            },
+            "parameters": {k: id(v) for k, v in module._parameters.items()},
+            "buffers": {k: id(v) for k, v in module._buffers.items()},
+        }
+    state = {k: v.detach().clone() for k, v in model.state_dict(keep_vars=True).items()}
+    return modules, state
+
+
+def assert_unchanged(model: nn.Module, before: tuple[dict, dict[str, torch.Tensor]]) -> None:
+    modules, state = snapshot(model)
+    assert modules == before[0]
+    assert state.keys() == before[1].keys()
+    for key, value in state.items():
+        assert torch.equal(value, before[1][key]), key
+
+
+def _tracer(frame: Any, event: str, arg: Any) -> Any:
+    filename = frame.f_code.co_filename
+    if not filename.startswith(str(_PACKAGE)):
+        return None
+
+    def local(frame: Any, event: str, arg: Any) -> Any:
+        if event == "line":
+            HIT.add((Path(frame.f_code.co_filename).name, frame.f_lineno))
+        return local
+
+    return local
+
+
+def _model(**kwargs: Any) -> TinyTransformer:
+    torch.manual_seed(0)
+    return TinyTransformer(depth=3, dim=8, heads=2, **kwargs).train()
+
+
+IDS = torch.randint(0, 50, (2, 5), generator=torch.Generator().manual_seed(0))
+
+
+class TwoStacks(nn.Module):
+    """Two same-shaped stacks that both run: only a forward shows the ambiguity."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = _model()
+        self.b = _model()
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.a(ids) + self.b(ids)
+
+
+class SharedBlocks(nn.Module):
+    """ALBERT's shape: one block module run for every layer, each call checkpointed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from types import SimpleNamespace
+
+        from models import Block
+
+        self.config = SimpleNamespace(num_hidden_layers=3)
+        self.embed = nn.Embedding(50, 8)
+        self.layers = nn.ModuleList([Block(8, 2)])
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        from torch.utils.checkpoint import checkpoint
+
+        h = self.embed(ids)
+        for _ in range(3):
+            h = checkpoint(self.layers[0], h, use_reentrant=False)
+        return self.head(h.mean(1))
+
+
+class Quantize(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.long()
+
+
+def _int_embedding_model() -> nn.Module:
+    """An 'embedding' module that returns integers (for R3F's check)."""
+    return nn.Sequential(Quantize(), nn.Embedding(5, 4), nn.Flatten(), nn.Linear(8, 3))
+
+
+def _removed(reg: Any) -> Any:
+    reg.remove()
+    return reg
+
+
+def _smart_batch_changes(reg: Any, model: nn.Module) -> Any:
+    batches = iter([IDS, IDS[:1]])
+    return reg(lambda: model(next(batches)), model(IDS))
+
+
+def _checkpointed_shared_step(reg: Any, model: nn.Module) -> None:
+    clean, penalty = reg.pair(lambda: model(IDS))
+    (clean.sum() + penalty).backward()
+
+
+class NoTensorBlock(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.attn = nn.Linear(4, 4)
+
+    def forward(self, x: Any = None) -> Any:
+        return object() if x is None else x
+
+
+class ListStack(nn.Module):
+    """Blocks called without tensors, or returning no tensor."""
+
+    def __init__(self, call_without_tensor: bool) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(NoTensorBlock() for _ in range(2))
+        self.w = nn.Parameter(torch.ones(3))
+        self.call_without_tensor = call_without_tensor
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.call_without_tensor:
+            self.layers[0]()
+            return x * self.w
+        for layer in self.layers[:1]:
+            layer(object())
+        return x * self.w
+
+
+# -- the cases: (what a user did, the model it was done to, the failing action) ----------------
+
+
+def _construct(cls: type, **kwargs: Any) -> Callable[[nn.Module], Any]:
+    return lambda model: cls(model, **kwargs)
+
+
+def _call(make: Callable[[nn.Module], Any], action: Callable[[Any, nn.Module], Any]):
+    """A regularizer built first; only the failing call is inside the snapshot."""
+
+    def setup(model: nn.Module) -> Callable[[], Any]:
+        reg = make(model)
+        return functools.partial(action, reg, model)
+
+    return setup
+
+
+def _pair(reg: Any, model: nn.Module) -> Any:
+    return reg.pair(lambda: model(IDS))
+
+
+RAPT = RandomPerturbationRegularizer
+
+CONSTRUCTOR_CASES: dict[str, tuple[Callable[[], nn.Module], Callable[[nn.Module], Any]]] = {
+    "model is a class": (_model, lambda m: RAPT(TinyTransformer)),
+    "model is not a module": (_model, lambda m: RAPT(object())),
+    "DataParallel": (_model, lambda m: RAPT(nn.DataParallel(m))),
+    "nonfinite unknown": (_model, _construct(RAPT, nonfinite="ignore")),
+    "generator not a generator": (_model, _construct(RAPT, generator=3)),
+    "alpha not a number": (_model, _construct(RAPT, alpha="1")),
+    "alpha negative": (_model, _construct(RAPT, alpha=-1.0)),
+    "divergence unknown": (_model, _construct(RAPT, divergence="hellinger")),
+    "eta infinite": (_model, _construct(RAPT, eta=float("inf"))),
+    "max_layer negative": (_model, _construct(RAPT, max_layer=-1)),
+    "min_layer above max_layer": (_model, _construct(RAPT, min_layer=3, max_layer=2)),
+    "max_layer beyond the blocks": (_model, _construct(RAPT, max_layer=8)),
+    "norm unknown": (_model, _construct(RAPT, norm="l1")),
+    "batch_dim negative": (_model, _construct(RAPT, batch_dim=-1)),
+    "no blocks": (lambda: nn.Sequential(nn.Linear(2, 2)), _construct(RAPT)),
+    "blocks path missing": (_model, _construct(RAPT, blocks="encoder.layer")),
+    "blocks empty container": (
+        lambda: nn.Sequential(nn.ModuleList(), nn.Linear(2, 2)),
+        _construct(RAPT, blocks="0"),
+    ),
+    "blocks single module": (_model, lambda m: RAPT(m, blocks=m.layers[0])),
+    "blocks foreign module": (_model, lambda m: RAPT(m, blocks=[nn.Linear(2, 2)])),
+    "blocks empty list": (_model, _construct(RAPT, blocks=[])),
+    "smart k negative": (_model, _construct(SmartRegularizer, k=-1)),
+    "smart norm unknown": (_model, _construct(SmartRegularizer, norm="l1")),
+    "r3f noise unknown": (_model, _construct(R3FRegularizer, noise="laplace")),
+    "r3f embeddings missing": (_model, _construct(R3FRegularizer, embeddings="emb")),
+    "r3f embeddings foreign": (_model, _construct(R3FRegularizer, embeddings=nn.Embedding(2, 2))),
+    "r3f embeddings empty": (_model, _construct(R3FRegularizer, embeddings=[])),
+    "find_transformer_blocks ambiguous": (
+        TwoStacks,
+        lambda m: rapt_reg.find_transformer_blocks(m),
+    ),
+    "r3f embeddings ambiguous": (
+        lambda: nn.Sequential(nn.Embedding(3, 2), nn.Embedding(3, 2)),
+        _construct(R3FRegularizer),
+    ),
+}
+
+
+def _tokens_out(reg: Any, model: nn.Module) -> Any:
+    return reg(lambda: model(IDS).argmax(-1), model(IDS))
+
+
+CALL_CASES: dict[str, tuple[Callable[[], nn.Module], Callable[[nn.Module], Callable[[], Any]]]] = {
+    "forward not callable": (_model, _call(RAPT, lambda r, m: r.pair(m(IDS)))),
+    "no logits in output": (_model, _call(RAPT, lambda r, m: r(lambda: m(IDS), object()))),
+    "outputs of different shapes": (
+        _model,
+        _call(RAPT, lambda r, m: r(lambda: m(IDS)[:1], m(IDS))),
+    ),
+    "integer outputs": (_model, _call(RAPT, _tokens_out)),
+    "mask of the wrong shape": (
+        _model,
+        _call(RAPT, lambda r, m: r.pair(lambda: m(IDS), mask=torch.ones(3, dtype=torch.bool))),
+    ),
+    "no block ran": (
+        _model,
+        _call(RAPT, lambda r, m: r(lambda: m.head(torch.ones(2, 8)), m(IDS))),
+    ),
+    "fewer calls than the layer": (
+        _model,
+        _call(
+            functools.partial(RAPT, min_layer=3, max_layer=3),
+            lambda r, m: r(lambda: m.layers[0](torch.ones(2, 5, 8)).mean(1), m(IDS)),
+        ),
+    ),
+    "two stacks ran": (TwoStacks, _call(RAPT, _pair)),
+    "stack asked while ambiguous": (TwoStacks, _call(RAPT, lambda r, m: r.stack)),
+    "no output requires grad": (
+        _model,
+        _call(RAPT, lambda r, m: r(lambda: m(IDS).detach(), m(IDS).detach())),
+    ),
+    "call inside its own forward": (
+        _model,
+        _call(RAPT, lambda r, m: r(lambda: r(lambda: m(IDS), m(IDS)), m(IDS))),
+    ),
+    "removed": (_model, _call(lambda m: _removed(RAPT(m)), _pair)),
+    "block called without a tensor": (
+        lambda: ListStack(True),
+        _call(
+            functools.partial(RAPT, blocks="layers", min_layer=0, max_layer=0),
+            lambda r, m: r(lambda: m(torch.ones(3)), m(torch.ones(3))),
+        ),
+    ),
+    "block returned no tensor": (
+        lambda: ListStack(False),
+        _call(
+            functools.partial(RAPT, blocks="layers", min_layer=1, max_layer=1),
+            lambda r, m: r(lambda: m(torch.ones(3)), m(torch.ones(3))),
+        ),
+    ),
+    "non-finite penalty": (
+        _model,
+        _call(
+            RAPT,
+            lambda r, m: (r(lambda: m(IDS) * float("nan"), m(IDS)), r.stats()),
+        ),
+    ),
+    "not a state dict": (_model, _call(RAPT, lambda r, m: r.load_state_dict({"rng": 1}))),
+    "perturb stack of r3f": (_model, _call(R3FRegularizer, lambda r, m: r.stack)),
+    "smart ascent without grad": (
+        _model,
+        _call(
+            SmartRegularizer,
+            lambda r, m: r(lambda: m(IDS).detach(), m(IDS)),
+        ),
+    ),
+    "smart batch changed shape": (
+        _model,
+        _call(
+            functools.partial(SmartRegularizer, k=1),
+            _smart_batch_changes,
+        ),
+    ),
+    "r3f removed": (_model, _call(lambda m: _removed(R3FRegularizer(m)), _pair)),
+    "r3f inside its own forward": (
+        _model,
+        _call(R3FRegularizer, lambda r, m: r(lambda: r(lambda: m(IDS), m(IDS)), m(IDS))),
+    ),
+    "r3f embeddings never ran": (
+        _model,
+        _call(R3FRegularizer, lambda r, m: r(lambda: m.head(torch.ones(2, 8)), m(IDS))),
+    ),
+    "r3f embedding output not float": (
+        _int_embedding_model,
+        _call(
+            functools.partial(R3FRegularizer, embeddings="0"),
+            lambda r, m: r(lambda: m(torch.ones(2, 2)), m(torch.ones(2, 2))),
+        ),
+    ),
+    "checkpointed shared blocks": (
+        SharedBlocks,
+        _call(functools.partial(RAPT, min_layer=0, max_layer=0), _checkpointed_shared_step),
+    ),
+}
+
+
+def _run_traced(fn: Callable[[], Any]) -> None:
+    sys.settrace(_tracer)
+    try:
+        with pytest.raises(RaptRegError):
+            fn()
+    finally:
+        sys.settrace(None)
+
+
+@pytest.mark.parametrize("case", CONSTRUCTOR_CASES, ids=list(CONSTRUCTOR_CASES))
+def test_a_refused_constructor_leaves_the_model_as_it_was(case: str) -> None:
+    make_model, construct = CONSTRUCTOR_CASES[case]
+    model = make_model()
+    before = snapshot(model)
+    _run_traced(lambda: construct(model))
+    assert_unchanged(model, before)
+
+
+@pytest.mark.parametrize("case", CALL_CASES, ids=list(CALL_CASES))
+def test_a_refused_call_leaves_the_model_as_it_was(case: str) -> None:
+    make_model, setup = CALL_CASES[case]
+    model = make_model()
+    action = setup(model)
+    before = snapshot(model)
+    _run_traced(action)
+    assert_unchanged(model, before)
+
+
+def _raise_lines(path: Path) -> set[tuple[str, int]]:
+    lines = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Raise) and isinstance(node.exc, ast.Call):
+            func = node.exc.func
+            name = func.id if isinstance(func, ast.Name) else getattr(func, "attr", "")
+            if name in ERRORS:
+                lines.add((path.name, node.lineno))
+    return lines
+
+
+# Raises no CPU-only test can reach, each with its reason.
+UNREACHABLE = {
+    # parameters on two accelerator types (e.g. CUDA and XPU) at once: needs both devices
+    ("replay.py", next(n for f, n in _raise_lines(_PACKAGE / "replay.py"))),
+}
+
+
+def test_every_refusal_in_the_core_was_walked() -> None:
+    """Run last in this module (pytest keeps file order): every core raise was reached."""
+    expected = set().union(*(_raise_lines(_PACKAGE / name) for name in CORE))
+    reached = {line for line in expected if line in HIT or (line[0], line[1] + 1) in HIT}
+    missing = sorted(expected - reached - set(UNREACHABLE))
+    assert not missing, f"raise statements no case reaches: {missing}"
