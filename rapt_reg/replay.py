@@ -25,6 +25,7 @@ neither dropout nor the noise is replayed in its recomputation; do not combine i
 from __future__ import annotations
 
 import contextlib
+import threading
 import weakref
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -34,6 +35,11 @@ import torch
 from torch import nn
 
 from .errors import RaptRegError
+
+# The global RNG is the process's: two threads forking and restoring it at once would leave one
+# thread's stream state behind as the global state (and a record could then match a plain
+# forward). Noisy passes therefore take turns, process-wide; a thread may nest them.
+_STREAM_LOCK = threading.RLock()
 
 
 @dataclass(eq=False)
@@ -59,7 +65,8 @@ class Replays:
         """Run a noisy pass on an RNG stream of its own, seeded with ``seed``.
 
         The global RNG (CPU, and ``devices``' default generators) is restored on exit, so the
-        pass consumes nothing from it: its dropout masks come from ``seed``.
+        pass consumes nothing from it: its dropout masks come from ``seed``. Streams of all
+        threads take turns (the global RNG is the process's).
         """
         accelerators = sorted({d for d in devices if d.type != "cpu"}, key=str)
         kinds = {d.type for d in accelerators}
@@ -70,7 +77,7 @@ class Replays:
             )
         device_type = kinds.pop() if kinds else "cuda"
         indices = [d.index if d.index is not None else 0 for d in accelerators]
-        with torch.random.fork_rng(devices=indices, device_type=device_type):
+        with _STREAM_LOCK, torch.random.fork_rng(devices=indices, device_type=device_type):
             torch.default_generator.manual_seed(seed)
             if indices:
                 module = getattr(torch, device_type)
