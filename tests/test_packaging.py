@@ -5,6 +5,7 @@ an install; ``scripts/test-wheel.sh`` (CI) runs them against the installed wheel
 """
 
 import ast
+import os
 import importlib.metadata as md
 import subprocess
 import sys
@@ -146,3 +147,15 @@ def test_wheel_holds_the_package_and_py_typed_only():
         and not path.endswith("bin/rapt-reg")  # the console script
     ]
     assert not outside, f"the wheel installs files outside the package: {outside}"
+
+
+def test_ci_tests_the_lower_bounds_the_metadata_states():
+    """README: the lower bounds of Python and torch are the versions CI runs."""
+    if os.environ.get("RAPT_REG_TEST_INSTALLED") != "1":
+        pytest.skip("only where CI runs: scripts/test-wheel.sh")
+    import torch
+
+    metadata = _installed().metadata
+    assert metadata["Requires-Python"] == ">=%d.%d" % sys.version_info[:2]
+    torch_version = torch.__version__.split("+")[0]
+    assert f"torch>={torch_version.rsplit('.', 1)[0]}" in (_installed().requires or [])
