@@ -5,8 +5,8 @@ an install; ``scripts/test-wheel.sh`` (CI) runs them against the installed wheel
 """
 
 import ast
-import os
 import importlib.metadata as md
+import os
 import subprocess
 import sys
 import textwrap
@@ -156,6 +156,6 @@ def test_ci_tests_the_lower_bounds_the_metadata_states():
     import torch
 
     metadata = _installed().metadata
-    assert metadata["Requires-Python"] == ">=%d.%d" % sys.version_info[:2]
+    assert metadata["Requires-Python"] == f">={sys.version_info.major}.{sys.version_info.minor}"
     torch_version = torch.__version__.split("+")[0]
     assert f"torch>={torch_version.rsplit('.', 1)[0]}" in (_installed().requires or [])
