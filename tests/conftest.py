@@ -1,13 +1,34 @@
 import os
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import torch
 
+import rapt_reg
+
 # Tests import the shared toy models as `models`; nothing downloads.
 sys.path.insert(0, os.path.dirname(__file__))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+ROOT = Path(__file__).resolve().parents[1]
+IMPORTED_FROM = Path(rapt_reg.__file__).resolve().parent
+
+if os.environ.get("RAPT_REG_TEST_INSTALLED") == "1":
+    # scripts/test-wheel.sh: the suite must test the installed wheel, never the source tree.
+    # PYTHONSAFEPATH (not only -P) so that the tests' own `python -c` children keep the tree
+    # off sys.path too.
+    if ROOT in IMPORTED_FROM.parents or "site-packages" not in IMPORTED_FROM.parts:
+        pytest.exit(f"RAPT_REG_TEST_INSTALLED=1 but rapt_reg was imported from {IMPORTED_FROM}", 4)
+    if os.environ.get("PYTHONSAFEPATH") != "1" or not sys.flags.safe_path:
+        pytest.exit(
+            "RAPT_REG_TEST_INSTALLED=1 needs PYTHONSAFEPATH=1 (keeps the tree off sys.path)", 4
+        )
+
+
+def pytest_report_header() -> str:
+    return f"rapt_reg {rapt_reg.__version__} imported from {IMPORTED_FROM}"
 
 
 @pytest.fixture(scope="module")

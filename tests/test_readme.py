@@ -25,5 +25,6 @@ def test_raw_loop_example_trains(tmp_path):
 def test_ci_runs_the_readme_test_command():
     commands = re.findall(r"```bash\n(.*?)\n```", README, re.S)
     test_command = commands[1]
-    assert "pytest" in test_command and test_command.startswith("pip install torch==2.13.0")
+    assert test_command == "pip install torch==2.13.0 && bash scripts/test-wheel.sh"
     assert test_command in (ROOT / ".ci" / "run").read_text()
+    assert "python -m pytest" in (ROOT / "scripts" / "test-wheel.sh").read_text()
