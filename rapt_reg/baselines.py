@@ -29,7 +29,7 @@ from .discovery import BlocksSpec, unwrap_model
 from .errors import RaptRegError
 from .hooks import NoisyPass
 from .regularizer import Output, PerturbationRegularizer, check_number, logits_of
-from .replay import keep_alive
+from .replay import carry
 
 SMART_NORMS = ("inf", "l2")
 R3F_NOISE = ("uniform", "normal")
@@ -289,7 +289,7 @@ class SmartRegularizer(PerturbationRegularizer):
 
         p = NoisyPass(layer=0, perturb=perturb)
         self._run_noisy(self._hooks, forward, p)
-        return keep_alive(logits_of(p.output), p.replay)
+        return carry(logits_of(p.output), p.replay)
 
 
 @dataclass

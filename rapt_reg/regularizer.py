@@ -22,7 +22,7 @@ from .discovery import (
 from .errors import RaptRegError
 from .hooks import NoisyPass, Perturb, StackHooks
 from .noise import NORMS, sample_noise
-from .replay import keep_alive
+from .replay import carry
 
 Output = Any
 """A model output: a logits tensor ``[..., C]`` or an object with a ``.logits`` tensor."""
@@ -61,30 +61,19 @@ def check_number(name: str, value: float, *, allow_zero: bool = True) -> float:
     return float(value)
 
 
-class _GradGate(torch.autograd.Function):
-    """Identity whose backward lets the gradient through only where ``gate.open`` is true.
+class _Gate:
+    """Stops the gradient of a non-finite penalty, decided on the device.
 
-    The penalty's finiteness is known only after the divergence ran, as a device tensor; gating
-    the logits' gradients on it keeps a non-finite penalty from reaching the weights without
-    reading it on the host.
+    The penalty's finiteness is known only after the divergence ran, as a device tensor; the
+    logits enter the divergence through :func:`~rapt_reg.replay.carry` with this gate, so a
+    non-finite penalty reaches no weight and nothing is read on the host.
     """
 
-    @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, gate: _Gate) -> torch.Tensor:
-        ctx.gate = gate
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
-        is_open = ctx.gate.open
-        return torch.where(is_open, grad, torch.zeros_like(grad)), None
-
-
-class _Gate:
     open: Optional[torch.Tensor] = None
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return _GradGate.apply(x, self) if x.requires_grad else x
+    def filter(self, grad: torch.Tensor) -> torch.Tensor:
+        assert self.open is not None  # set right after the forward
+        return torch.where(self.open, grad, torch.zeros_like(grad))
 
 
 class PerturbationRegularizer(abc.ABC):
@@ -354,7 +343,8 @@ class PerturbationRegularizer(abc.ABC):
             )
         self._maybe_read_checks()
         gate = _Gate()
-        value = div.reduce_divergence(self.divergence, gate(noisy_logits), gate(clean_logits), mask)
+        noisy, clean = carry(noisy_logits, gate), carry(clean_logits, gate)
+        value = div.reduce_divergence(self.divergence, noisy, clean, mask)
         gate.open = finite = torch.isfinite(value).detach()
         penalty = self.alpha * torch.where(finite, value, torch.zeros_like(value))
         zero = (value == 0).detach() if noisy_logits.numel() else torch.zeros_like(finite)
@@ -532,7 +522,7 @@ class RandomPerturbationRegularizer(PerturbationRegularizer):
         p = NoisyPass(layer=layer, perturb=self._perturbation(seed))
         self._run_noisy(self._hooks, noisy_forward, p)
         self.last_layer = layer
-        noisy_logits = keep_alive(logits_of(p.output), p.replay)
+        noisy_logits = carry(logits_of(p.output), p.replay)
         return self._penalty(noisy_logits, clean_logits, mask)
 
     def stats(self) -> dict[str, float]:

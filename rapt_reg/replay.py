@@ -16,7 +16,7 @@ rides on the same mechanism:
 
 Nothing is matched by tensor identity, so a caller-made ``inputs_embeds`` given to both passes
 or a frozen embedding made to require grad are no different from any other input. A record
-lives as long as the noisy pass's autograd graph (:func:`keep_alive`), not longer.
+lives as long as the noisy pass's autograd graph (:func:`carry`), not longer.
 
 Limit: a checkpoint called with ``preserve_rng_state=False`` does not restore the RNG state, so
 neither dropout nor the noise is replayed in its recomputation; do not combine it with RAPT.
@@ -51,6 +51,9 @@ class Replay:
     perturb: Callable[[torch.Tensor, int], torch.Tensor]
     batch_dim: int
     rng_state: torch.Tensor
+
+    def filter(self, grad: torch.Tensor) -> torch.Tensor:
+        return grad
 
 
 class Replays:
@@ -118,21 +121,25 @@ class Replays:
         self._pending = weakref.WeakSet()
 
 
-class _KeepAlive(torch.autograd.Function):
-    """Identity on the noisy logits whose graph node holds a :class:`Replay`."""
+class _Carry(torch.autograd.Function):
+    """Identity whose graph node holds ``holder``; its gradient passes ``holder.filter``."""
 
     @staticmethod
-    def forward(ctx: Any, logits: torch.Tensor, replay: Replay) -> torch.Tensor:
-        ctx.replay = replay
-        return logits.view_as(logits)
+    def forward(ctx: Any, x: torch.Tensor, holder: Any) -> torch.Tensor:
+        ctx.holder = holder
+        return x.view_as(x)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
-        return grad, None
+        return ctx.holder.filter(grad), None
 
 
-def keep_alive(logits: torch.Tensor, replay: Replay | None) -> torch.Tensor:
-    """``logits``, with ``replay`` kept alive exactly as long as their autograd graph."""
-    if replay is None or not logits.requires_grad or not torch.is_grad_enabled():
-        return logits
-    return _KeepAlive.apply(logits, replay)
+def carry(x: torch.Tensor, holder: Any) -> torch.Tensor:
+    """``x``, with ``holder`` alive exactly as long as ``x``'s autograd graph.
+
+    ``holder.filter(grad)`` is applied to the gradient that flows back through this use of
+    ``x``. A tensor without a graph is returned as it is.
+    """
+    if holder is None or not x.requires_grad or not torch.is_grad_enabled():
+        return x
+    return _Carry.apply(x, holder)

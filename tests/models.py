@@ -114,3 +114,11 @@ def torch_encoder_classifier(depth: int = 3, dim: int = 16, classes: int = 3) ->
             return self.head(self.encoder(x).mean(1))
 
     return Classifier()
+
+
+def penalty_step(reg, forward, form: str):
+    """``(clean_output, penalty)`` in either call form: ``"pair"``, or ``"call"`` (two calls)."""
+    if form == "pair":
+        return reg.pair(forward)
+    clean = forward()
+    return clean, reg(forward, clean)

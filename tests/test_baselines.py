@@ -161,7 +161,7 @@ def test_smart_nonfinite_penalty_raises_or_skips():
         return model(ids) * (1.0 if next(calls) == 0 else float("nan"))
 
     with SmartRegularizer(model) as reg, pytest.raises(RaptRegError, match="nonfinite='skip'"):
-        assert float(reg(forward, model(ids))) == 0.0
+        assert float(reg(forward, model(ids)).detach()) == 0.0
         reg.stats()
     calls = iter(range(10))
     with SmartRegularizer(model, nonfinite="skip") as reg:

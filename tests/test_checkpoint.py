@@ -16,7 +16,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from models import Block
+from models import Block, penalty_step
 from torch import nn
 from torch.utils.checkpoint import checkpoint, checkpoint_sequential
 
@@ -90,11 +90,7 @@ def _step(model: Stacked, regions, layer: int, form: str, feed: str, ids: torch.
             def forward():
                 return model(ids)
 
-        if form == "pair":
-            clean, penalty = reg.pair(forward)
-        else:
-            clean = forward()
-            penalty = reg(forward, clean)
+        clean, penalty = penalty_step(reg, forward, form)
         (clean.logsumexp(-1).mean() + penalty).backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     return penalty.detach(), grads
@@ -174,12 +170,7 @@ def test_checkpoint_sequential_is_exact(segments, reentrant, form):
             with RandomPerturbationRegularizer(
                 model, min_layer=layer, max_layer=layer, generator=gen
             ) as reg:
-                forward = functools.partial(model, ids)
-                if form == "pair":
-                    clean, penalty = reg.pair(forward)
-                else:
-                    clean = forward()
-                    penalty = reg(forward, clean)
+                clean, penalty = penalty_step(reg, functools.partial(model, ids), form)
                 (clean.logsumexp(-1).mean() + penalty).backward()
             results.append({n: p.grad.clone() for n, p in model.named_parameters()})
         for name in results[0]:

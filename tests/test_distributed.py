@@ -9,18 +9,13 @@ DDP's all-reduce), with ``find_unused_parameters`` False and True and both call 
 from __future__ import annotations
 
 import copy
-import os
-import socket
-import sys
-from datetime import timedelta
-from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from hf_models import task_loss
 from models import TinyTransformer
+from ranks import run_on_ranks
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
@@ -92,34 +87,15 @@ def _check(rank: int, find_unused: bool, form: str) -> dict[str, object]:
     return result
 
 
-def _worker(rank: int, port: int, out_dir: str) -> None:
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ["MASTER_PORT"] = str(port)
-    if sys.platform.startswith("linux"):
-        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=timedelta(seconds=60))
-    try:
-        results = {combo: _check(rank, *combo) for combo in COMBINATIONS}
-    finally:
-        dist.destroy_process_group()
-    torch.save(results, Path(out_dir) / f"rank{rank}.pt")
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+def _all(rank: int) -> dict:
+    return {combo: _check(rank, *combo) for combo in COMBINATIONS}
 
 
 @pytest.fixture(scope="module")
 def ddp_results(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
     """Every combination, run once in one pair of processes (starting them is the cost)."""
     out_dir = tmp_path_factory.mktemp("ddp")
-    mp.start_processes(
-        _worker, args=(_free_port(), str(out_dir)), nprocs=WORLD, join=True, start_method="spawn"
-    )
-    return [torch.load(out_dir / f"rank{r}.pt") for r in range(WORLD)]
+    return run_on_ranks(_all, WORLD, out_dir)
 
 
 @pytest.mark.parametrize(

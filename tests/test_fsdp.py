@@ -12,18 +12,13 @@ from __future__ import annotations
 
 import copy
 import functools
-import os
-import socket
-import sys
-from datetime import timedelta
-from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from hf_models import task_loss
-from models import TinyTransformer
+from models import TinyTransformer, penalty_step
+from ranks import run_on_ranks
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
@@ -78,12 +73,7 @@ def _run(rank: int, form: str) -> dict[str, list]:
         grads, layers = [], []
         for m, reg, optimizer in zip((ddp, sharded), regs, optimizers):
             optimizer.zero_grad()
-            forward = functools.partial(m, ids)
-            if form == "pair":
-                clean, penalty = reg.pair(forward)
-            else:
-                clean = forward()
-                penalty = reg(forward, clean)
+            clean, penalty = penalty_step(reg, functools.partial(m, ids), form)
             (task_loss(clean) + penalty).backward()
             grads.append(_full_grads(m))
             layers.append(reg.last_layer)
@@ -97,33 +87,14 @@ def _run(rank: int, form: str) -> dict[str, list]:
     return out
 
 
-def _worker(rank: int, port: int, out_dir: str) -> None:
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ["MASTER_PORT"] = str(port)
-    if sys.platform.startswith("linux"):
-        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=timedelta(seconds=60))
-    try:
-        results = {form: _run(rank, form) for form in FORMS}
-    finally:
-        dist.destroy_process_group()
-    torch.save(results, Path(out_dir) / f"rank{rank}.pt")
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+def _all(rank: int) -> dict:
+    return {form: _run(rank, form) for form in FORMS}
 
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
     out_dir = tmp_path_factory.mktemp("fsdp")
-    mp.start_processes(
-        _worker, args=(_free_port(), str(out_dir)), nprocs=WORLD, join=True, start_method="spawn"
-    )
-    return [torch.load(out_dir / f"rank{r}.pt") for r in range(WORLD)]
+    return run_on_ranks(_all, WORLD, out_dir)
 
 
 @pytest.mark.parametrize("form", FORMS)

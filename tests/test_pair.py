@@ -13,7 +13,7 @@ import warnings
 
 import pytest
 import torch
-from models import Attention
+from models import Attention, penalty_step
 from torch import nn
 
 from rapt_reg import RandomPerturbationRegularizer
@@ -61,11 +61,7 @@ def _both_forms(model: nn.Module, forward_of, loss_of, steps: int = 3):
             m.zero_grad()
             with warnings.catch_warnings():
                 warnings.simplefilter("error")  # no fallback, no warning of any kind
-                if form == "pair":
-                    clean, penalty = reg.pair(forward)
-                else:
-                    clean = forward()
-                    penalty = reg(forward, clean)
+                clean, penalty = penalty_step(reg, forward, form)
             (loss_of(clean) + penalty).backward()
             seen.append(
                 (

@@ -7,12 +7,13 @@ parameters must be bitwise equal to the uninterrupted run's (CPU), and so must t
 
 from __future__ import annotations
 
+import functools
 import io
 
 import pytest
 import torch
 import torch.nn.functional as F
-from models import TinyTransformer
+from models import TinyTransformer, penalty_step
 
 from rapt_reg import RandomPerturbationRegularizer, RaptRegError
 
@@ -40,11 +41,7 @@ def _train(model, optimizer, reg, batches, form: str) -> list[int]:
     layers = []
     for ids, labels in batches:
         optimizer.zero_grad()
-        if form == "pair":
-            clean, penalty = reg.pair(lambda ids=ids: model(ids))
-        else:
-            clean = model(ids)
-            penalty = reg(lambda ids=ids: model(ids), clean)
+        clean, penalty = penalty_step(reg, functools.partial(model, ids), form)
         (F.cross_entropy(clean, labels) + penalty).backward()
         optimizer.step()
         layers.append(reg.last_layer)
