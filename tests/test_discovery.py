@@ -1,7 +1,5 @@
 """Discovery: which modules are the blocks, through wrappers, with clear refusals."""
 
-import time
-
 import pytest
 import torch
 from models import Block, IndexLoopModel, TimmShapedViT, TinyTransformer, torch_encoder_classifier
@@ -120,10 +118,7 @@ def test_nothing_found_lists_containers_and_names_blocks():
     assert isinstance(info.value, RaptRegError) and isinstance(info.value, ValueError)
 
 
-def test_discovery_is_fast_on_48_blocks():
-    model = TinyTransformer(depth=48, dim=8)
-    start = time.perf_counter()
-    stack = find_transformer_blocks(model)
-    assert len(stack) == 48
-    # Generous bound (the figure itself is in the benchmarks): fail only on a blow-up.
-    assert time.perf_counter() - start < 1.0
+def test_discovery_finds_48_blocks():
+    # How long it takes is measured in benchmarks/test_bench_discovery.py, not judged here.
+    stack = find_transformer_blocks(TinyTransformer(depth=48, dim=8))
+    assert len(stack) == 48 and stack.path == "layers"

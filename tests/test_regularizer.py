@@ -447,3 +447,32 @@ def test_regularizer_does_not_copy_or_wrap_the_model():
     assert reg.model is model
     assert type(model) is type(reference)
     assert "RandomPerturbationRegularizer(blocks='layers'" in repr(reg)
+
+
+@pytest.mark.parametrize("layer", range(DEPTH + 1))
+def test_noise_to_hidden_ratio_is_the_norm_of_the_added_noise_over_the_hidden_states(layer):
+    """``||delta|| / ||h||`` at layer r, read back from the hidden states themselves.
+
+    A hook registered after the regularizer's sees the perturbed hidden states: the input of
+    block 1 for layer 0, the output of block r otherwise; the clean pass gives ``h``.
+    """
+    model = make_model()
+    ids, _ = batch()
+    reg = RandomPerturbationRegularizer(model, min_layer=layer, max_layer=layer)
+    seen = []
+    if layer == 0:
+        handle = model.layers[0].register_forward_pre_hook(
+            lambda m, args: seen.append(args[0].detach())
+        )
+    else:
+        handle = model.layers[layer - 1].register_forward_hook(
+            lambda m, args, out: seen.append(out.detach())
+        )
+    reg(lambda: model(ids), model(ids))
+    handle.remove()
+    hidden, noisy = seen
+    delta = noisy - hidden
+    assert delta.abs().amax().item() == pytest.approx(reg.eta, rel=1e-5)
+    expected = (delta.norm() / hidden.norm()).item()
+    assert reg.last_noise_to_hidden_ratio == pytest.approx(expected, rel=1e-5)
+    assert reg.stats()["rapt/noise_to_hidden_ratio"] == pytest.approx(expected, rel=1e-5)
