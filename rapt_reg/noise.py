@@ -22,6 +22,8 @@ import torch
 from .errors import RaptRegError
 
 NORMS = ("inf", "l2", None)
+ETA_SCALES = ("absolute", "hidden_rms")
+"""What eta is measured in: absolute (the paper), or RMS(h) of each example's hidden states."""
 
 # The smallest divisor used when scaling; only reached when a sample is exactly zero (or an
 # example has no real token, whose noise is then zero).
@@ -99,6 +101,20 @@ def check_token_masks(
 def _keep(noise_mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """``noise_mask`` on ``like``'s device, broadcastable to batch-first ``like``."""
     return noise_mask.to(like.device).reshape(*noise_mask.shape, *(1,) * (like.ndim - 2))
+
+
+def token_mask_like(
+    noise_mask: torch.Tensor, hidden: torch.Tensor, batch_dim: int = 0
+) -> torch.Tensor:
+    """``noise_mask`` ``[batch, seq]`` as a bool tensor broadcastable to ``hidden``'s layout.
+
+    Raises:
+        RaptRegError: if it does not fit (see :func:`check_token_masks`).
+    """
+    check_token_masks(noise_mask, None, hidden.shape, batch_dim)
+    keep = noise_mask.to(hidden.device)
+    keep = keep.t() if batch_dim % hidden.ndim == 1 else keep
+    return keep.reshape(*keep.shape, *(1,) * (hidden.ndim - 2))
 
 
 def _segment_total(values: torch.Tensor, segment_ids: torch.Tensor, reduce: str) -> torch.Tensor:

@@ -21,7 +21,7 @@ from .discovery import (
 )
 from .errors import RaptRegError
 from .hooks import Pass, StackHooks
-from .noise import NORMS, sample_noise
+from .noise import ETA_SCALES, NORMS, check_token_masks, hidden_rms, sample_noise
 
 Output = Any
 """A model output: a logits tensor ``[..., C]`` or an object with a ``.logits`` tensor."""
@@ -104,24 +104,36 @@ class PerturbationRegularizer(abc.ABC):
         clean_output: Output,
         *,
         mask: Optional[torch.Tensor] = None,
+        noise_mask: Optional[torch.Tensor] = None,
+        segment_ids: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         """The penalty for one step (see the subclasses)."""
 
     def pair(
-        self, forward: Callable[[], Output], *, mask: Optional[torch.Tensor] = None
+        self,
+        forward: Callable[[], Output],
+        *,
+        mask: Optional[torch.Tensor] = None,
+        noise_mask: Optional[torch.Tensor] = None,
+        segment_ids: Optional[torch.Tensor] = None,
     ) -> tuple[Output, torch.Tensor]:
         """Run the clean pass, then the noisy pass(es) on the same batch.
 
         Args:
             forward: Zero-argument callable running the model on the batch.
             mask: As in ``__call__``.
+            noise_mask: As in ``__call__``.
+            segment_ids: As in ``__call__``.
 
         Returns:
             ``(clean_output, penalty)``.
         """
         self._check_callable(forward, "forward")
         clean_output = forward()
-        return clean_output, self(forward, clean_output, mask=mask)
+        penalty = self(
+            forward, clean_output, mask=mask, noise_mask=noise_mask, segment_ids=segment_ids
+        )
+        return clean_output, penalty
 
     def stats(self) -> dict[str, float]:
         """Telemetry for logging: noise-to-hidden norm ratio of the last pass, skipped steps."""
@@ -298,6 +310,11 @@ class RandomPerturbationRegularizer(PerturbationRegularizer):
         generator: A CPU ``torch.Generator``: the layer and the noise come from it alone and the
             global RNG is untouched. None uses the global RNG.
         per_token: Scale each position's noise to ``eta`` instead of each example's.
+        eta_scale: ``"absolute"`` (the paper): each example's noise has inf-norm ``eta``;
+            ``"hidden_rms"``: inf-norm ``eta * RMS(h)``, the RMS of that example's hidden
+            states at the perturbed layer (over its real tokens and features; per segment,
+            per token as the noise is), for pre-norm models whose hidden-state scale varies
+            with depth and architecture (see docs/noise-scale.md).
         prefer: Part of a dotted path that wins when the model has several stacks of blocks.
         nonfinite: ``"raise"`` (default) raises when the penalty is NaN/inf; ``"skip"`` returns
             a zero penalty for that step and counts it in :meth:`stats`.
@@ -335,6 +352,7 @@ class RandomPerturbationRegularizer(PerturbationRegularizer):
         per_token: bool = False,
         prefer: Optional[str] = "encoder",
         nonfinite: str = "raise",
+        eta_scale: str = "absolute",
     ) -> None:
         super().__init__(
             model, alpha=alpha, divergence=divergence, generator=generator, nonfinite=nonfinite
@@ -347,6 +365,9 @@ class RandomPerturbationRegularizer(PerturbationRegularizer):
             raise RaptRegError(f"min_layer={min_layer} is greater than max_layer={max_layer}")
         if norm not in NORMS:
             raise RaptRegError(f"unknown norm {norm!r}: use one of {NORMS}")
+        if eta_scale not in ETA_SCALES:
+            raise RaptRegError(f"unknown eta_scale {eta_scale!r}: use one of {ETA_SCALES}")
+        self.eta_scale = eta_scale
         self.max_layer, self.min_layer = max_layer, min_layer
         self.norm, self.per_token = norm, per_token
         self._hooks = self._find_stacks(blocks, prefer)
@@ -364,6 +385,8 @@ class RandomPerturbationRegularizer(PerturbationRegularizer):
         clean_output: Output,
         *,
         mask: Optional[torch.Tensor] = None,
+        noise_mask: Optional[torch.Tensor] = None,
+        segment_ids: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         """Run ``noisy_forward`` once with noise at a random layer; return the penalty.
 
@@ -373,6 +396,12 @@ class RandomPerturbationRegularizer(PerturbationRegularizer):
             clean_output: The output of the clean forward (a tensor or has ``.logits``).
             mask: Optional ``[...]`` mask over the leading dims of the logits (e.g. the
                 attention mask of token-level outputs); masked positions do not count.
+            noise_mask: Optional bool ``[batch, seq]``, True on real tokens (e.g.
+                ``attention_mask.bool()``): padding gets no noise, and each example's norm is
+                taken over its real tokens only, so the noise does not depend on the padding.
+                An example without real tokens gets no noise.
+            segment_ids: Optional integer ``[batch, seq]`` for packed rows: each (row,
+                segment) pair is scaled as one example.
 
         Returns:
             ``alpha * divergence(noisy, clean)``, a scalar to add to the task loss. Zero (and
@@ -384,13 +413,21 @@ class RandomPerturbationRegularizer(PerturbationRegularizer):
         """
         self._check_callable(noisy_forward)
         clean_logits = logits_of(clean_output)
+        check_token_masks(noise_mask, segment_ids)
         if not self._training():
             return self._eval_penalty(clean_logits)
-        p = self._noisy_pass(noisy_forward, self._draw(), saved=None)
+        p = self._noisy_pass(
+            noisy_forward, self._draw(), saved=None, noise=(noise_mask, segment_ids)
+        )
         return self._penalty(logits_of(p.output), clean_logits, mask)
 
     def pair(
-        self, forward: Callable[[], Output], *, mask: Optional[torch.Tensor] = None
+        self,
+        forward: Callable[[], Output],
+        *,
+        mask: Optional[torch.Tensor] = None,
+        noise_mask: Optional[torch.Tensor] = None,
+        segment_ids: Optional[torch.Tensor] = None,
     ) -> tuple[Output, torch.Tensor]:
         """Run the clean pass and a noisy pass that reuses the clean pass up to layer r.
 
@@ -406,11 +443,15 @@ class RandomPerturbationRegularizer(PerturbationRegularizer):
         Args:
             forward: Zero-argument callable running the model on the batch.
             mask: As in :meth:`__call__`.
+            noise_mask: As in :meth:`__call__`.
+            segment_ids: As in :meth:`__call__`.
 
         Returns:
             ``(clean_output, penalty)``.
         """
         self._check_callable(forward, "forward")
+        check_token_masks(noise_mask, segment_ids)
+        noise = (noise_mask, segment_ids)
         if not self._training():
             clean_output = forward()
             return clean_output, self._eval_penalty(logits_of(clean_output))
@@ -421,7 +462,7 @@ class RandomPerturbationRegularizer(PerturbationRegularizer):
         self._settle_stack(self._hooks, clean)
         reusing = Pass(layer=layer, saved=saved)
         try:
-            p = self._noisy_pass(forward, (layer, seed), saved=saved, observe=reusing)
+            p = self._noisy_pass(forward, (layer, seed), saved=saved, observe=reusing, noise=noise)
         except RaptRegError:
             raise
         except Exception as exc:
@@ -429,7 +470,7 @@ class RandomPerturbationRegularizer(PerturbationRegularizer):
                 raise  # the fault came before any reused block: not the reuse's doing
             # Reusing the prefix runs blocks 1..r on one example; a block that cannot take
             # the cut inputs lands here. Recompute the whole noisy pass instead, from now on.
-            p = self._noisy_pass(forward, (layer, seed), saved=None)
+            p = self._noisy_pass(forward, (layer, seed), saved=None, noise=noise)
             self._reuse_prefix = False
             warnings.warn(
                 f"pair() could not reuse the clean prefix for this model ({exc!r}); it now "
@@ -463,7 +504,23 @@ class RandomPerturbationRegularizer(PerturbationRegularizer):
         return layer, self._draw_seed()
 
     @torch.compiler.disable
-    def _sample(self, hidden: torch.Tensor, batch_dim: int, seed: int) -> torch.Tensor:
+    def _sample(
+        self,
+        hidden: torch.Tensor,
+        batch_dim: int,
+        seed: int,
+        noise_mask: Optional[torch.Tensor] = None,
+        segment_ids: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        scale = None
+        if self.eta_scale == "hidden_rms":
+            scale = hidden_rms(
+                hidden,
+                batch_dim=batch_dim,
+                per_token=self.per_token,
+                noise_mask=noise_mask,
+                segment_ids=segment_ids,
+            )
         return sample_noise(
             hidden.shape,
             eta=self.eta,
@@ -474,6 +531,9 @@ class RandomPerturbationRegularizer(PerturbationRegularizer):
             dtype=hidden.dtype,
             device=hidden.device,
             generator=self._noise_source(hidden.device, seed),
+            noise_mask=noise_mask,
+            segment_ids=segment_ids,
+            scale=scale,
         )
 
     def _noisy_pass(
@@ -483,10 +543,14 @@ class RandomPerturbationRegularizer(PerturbationRegularizer):
         *,
         saved: Optional[dict[int, Any]],
         observe: Optional[Pass] = None,
+        noise: tuple[Optional[torch.Tensor], Optional[torch.Tensor]] = (None, None),
     ) -> Pass:
         layer, seed = draw
         p = observe or Pass(layer=layer, saved=saved)
-        p.perturb = functools.partial(self._sample, seed=seed)
+        noise_mask, segment_ids = noise
+        p.perturb = functools.partial(
+            self._sample, seed=seed, noise_mask=noise_mask, segment_ids=segment_ids
+        )
         with self._hooks.armed(p):
             p.output = forward()
         self._settle_stack(self._hooks, p)
