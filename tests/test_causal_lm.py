@@ -238,3 +238,20 @@ def test_lightning_rapt_pair_takes_the_masks_from_the_batch() -> None:
     explicit = torch.ones(2, 5, dtype=torch.bool)
     module.rapt_pair(lambda: module.model(ids), batch=batch, noise_mask=explicit)
     assert handed[-1]["noise_mask"] is explicit
+
+
+def test_the_llm_recipe_runs() -> None:
+    """docs/recipes.md's hand-written LLM step: padding, shift, no second loss, hidden_rms."""
+    import re
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "recipes.md").read_text()
+    code = re.search(r"## Fine-tuning LLMs.*?```python\n(.*?)```", text, re.S).group(1)
+    case = CASES["llama"]
+    model, batch = case.build(), dict(case.batch())
+    batch["attention_mask"] = torch.ones_like(batch["input_ids"])
+    batch["attention_mask"][0, -2:] = 0
+    batch["labels"] = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+    scope: dict[str, Any] = {"model": model, "batch": batch}
+    exec(code, scope)
+    assert scope["penalty"] > 0
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)

@@ -292,3 +292,14 @@ def test_bad_masks_are_refused(kwargs, match):
 def test_masks_need_token_level_hidden_states():
     with pytest.raises(RaptRegError, match="leave them out"):
         scale_noise(torch.randn(4), eta=1.0, noise_mask=torch.ones(4, 1, dtype=torch.bool))
+
+
+def test_hidden_rms_per_token_and_without_gradient():
+    hidden = torch.tensor([[[3.0, 4.0], [1.0, 1.0]]], requires_grad=True)
+    rms = hidden_rms(hidden, per_token=True)
+    assert not rms.requires_grad and rms.dtype == torch.float32
+    torch.testing.assert_close(rms.flatten(), torch.tensor([12.5, 1.0]).sqrt())
+    mask = torch.tensor([[True, False]])
+    torch.testing.assert_close(
+        hidden_rms(hidden, noise_mask=mask).flatten(), torch.tensor([12.5]).sqrt()
+    )
