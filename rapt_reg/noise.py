@@ -15,6 +15,7 @@ layout of the hidden states (``batch_dim=0``: ``[batch, seq, ...]``; ``batch_dim
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -275,7 +276,7 @@ def hidden_rms(
     features = tuple(range(2, first.ndim))
     square = first.square()
     count = torch.full(
-        first.shape[:2], float(first[0, 0].numel()), dtype=first.dtype, device=first.device
+        first.shape[:2], float(math.prod(first.shape[2:])), dtype=first.dtype, device=first.device
     )
     if noise_mask is not None:
         square = torch.where(_keep(noise_mask, first), square, 0.0)
