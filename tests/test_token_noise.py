@@ -140,3 +140,28 @@ def test_r3f_leaves_padding_alone() -> None:
     handle.remove()
     delta = seen[1] - seen[0]
     assert bool((delta[~MASK] == 0).all()) and bool((delta[MASK] != 0).all())
+
+
+def test_hidden_rms_evens_out_the_noise_to_hidden_ratio() -> None:
+    """docs/noise-scale.md: at eta = 2 a fresh Llama's noise dwarfs its hidden states (BERT's
+    does not); with eta_scale="hidden_rms" both get the ratio post-norm BERT gets."""
+    pytest.importorskip("transformers")
+    from hf_models import CASES
+
+    found = {}
+    for name in ("bert", "llama"):
+        case = CASES[name]
+        model, batch = case.build(), case.batch()
+        for eta_scale in ("absolute", "hidden_rms"):
+            with (
+                RandomPerturbationRegularizer(
+                    model, min_layer=1, max_layer=1, eta_scale=eta_scale
+                ) as reg,
+                torch.no_grad(),
+            ):
+                reg(lambda m=model, b=batch: m(**b), model(**batch))
+                found[name, eta_scale] = reg.last_noise_to_hidden_ratio
+    assert found["llama", "absolute"] > 10 * found["bert", "absolute"]
+    assert 0.5 < found["bert", "absolute"] < 0.8
+    for name in ("bert", "llama"):
+        assert 0.5 < found[name, "hidden_rms"] < 0.8
