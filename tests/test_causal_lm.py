@@ -144,17 +144,9 @@ def _tiny_llm() -> tuple[Any, Any]:
     return tokenizer, transformers.LlamaForCausalLM(config)
 
 
-@pytest.mark.parametrize("packing", [False, True], ids=["padding", "packing"])
-def test_sft_trainer_with_rapt(tmp_path: Path, packing: bool) -> None:
+def _sft_args(tmp_path: Path, **config: Any) -> Any:
     trl = pytest.importorskip("trl")
-    datasets = pytest.importorskip("datasets")
-    from rapt_reg.integrations import with_rapt
-
-    tokenizer, model = _tiny_llm()
-    rng = random.Random(0)
-    texts = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(2, 9))) for _ in range(12)]
-    dataset = datasets.Dataset.from_dict({"text": texts})
-    args = trl.SFTConfig(
+    return trl.SFTConfig(
         output_dir=str(tmp_path),
         use_cpu=True,
         report_to=[],
@@ -165,9 +157,41 @@ def test_sft_trainer_with_rapt(tmp_path: Path, packing: bool) -> None:
         save_strategy="no",
         disable_tqdm=True,
         max_length=32,
-        packing=packing,
         learning_rate=1e-3,
+        **config,
     )
+
+
+def _sentences() -> Any:
+    datasets = pytest.importorskip("datasets")
+    rng = random.Random(0)
+    texts = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(2, 9))) for _ in range(12)]
+    return datasets.Dataset.from_dict({"text": texts})
+
+
+def test_sft_trainer_refuses_other_loss_types(tmp_path: Path) -> None:
+    trl = pytest.importorskip("trl")
+    from rapt_reg.integrations import with_rapt
+
+    tokenizer, model = _tiny_llm()
+    trainer = with_rapt(trl.SFTTrainer)(
+        model=model,
+        args=_sft_args(tmp_path, loss_type="dft"),
+        train_dataset=_sentences(),
+        processing_class=tokenizer,
+    )
+    with pytest.raises(rapt_reg.RaptRegError, match="loss_type='nll' only, got 'dft'"):
+        trainer.train()
+
+
+@pytest.mark.parametrize("packing", [False, True], ids=["padding", "packing"])
+def test_sft_trainer_with_rapt(tmp_path: Path, packing: bool) -> None:
+    trl = pytest.importorskip("trl")
+    from rapt_reg.integrations import with_rapt
+
+    tokenizer, model = _tiny_llm()
+    dataset = _sentences()
+    args = _sft_args(tmp_path, packing=packing)
     reg = rapt_reg.RandomPerturbationRegularizer(model, min_layer=0, max_layer=3)
     handed: list[dict[str, Any]] = []
     pair = reg.pair

@@ -86,8 +86,8 @@ class RaptTrainerMixin:
     With TRL's ``SFTTrainer`` (``with_rapt(SFTTrainer)``), whose own loss runs a fused LM head
     that makes no logits, the clean pass is ``transformers.Trainer.compute_loss`` instead: the
     model's own negative log-likelihood over the trained tokens (TRL's default loss), with
-    the logits the penalty needs; TRL's entropy and token-accuracy metrics are then not
-    logged for training steps, and ``loss_type`` other than ``"nll"`` is refused.
+    the logits the penalty needs; TRL's training-step metrics (entropy, token accuracy, token
+    counts) are then not logged, and ``loss_type`` other than ``"nll"`` is refused.
 
     The regularizer is built on ``self.model`` at the first training step, so a model made by
     ``model_init`` or compiled by ``torch_compile=True`` is handled: the hooks are in place
