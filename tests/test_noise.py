@@ -303,3 +303,29 @@ def test_hidden_rms_per_token_and_without_gradient():
     torch.testing.assert_close(
         hidden_rms(hidden, noise_mask=mask).flatten(), torch.tensor([12.5]).sqrt()
     )
+
+
+def test_masked_scaling_makes_no_host_syncs(monkeypatch):
+    """Masks are applied with where/scatter on the device: no tensor is read by the host."""
+
+    def refuse(*_, **__):
+        raise AssertionError("a tensor was read by the host")
+
+    for name in ("item", "tolist", "__bool__", "__float__", "__int__", "__index__", "nonzero"):
+        monkeypatch.setattr(torch.Tensor, name, refuse)
+    getitem = torch.Tensor.__getitem__
+
+    def no_boolean_indexing(self, index):
+        parts = index if isinstance(index, tuple) else (index,)
+        if any(isinstance(p, torch.Tensor) and p.dtype == torch.bool for p in parts):
+            raise AssertionError("boolean indexing (a host sync and a gathered copy)")
+        return getitem(self, index)
+
+    monkeypatch.setattr(torch.Tensor, "__getitem__", no_boolean_indexing)
+    mask = torch.rand(3, 7) > 0.3
+    ids = torch.randint(-2, 3, (3, 7))
+    hidden = torch.randn(7, 3, 5)
+    for norm in ("inf", "l2"):
+        masks = dict(batch_dim=1, noise_mask=mask, segment_ids=ids)
+        scale = hidden_rms(hidden, **masks)
+        sample_noise(hidden.shape, eta=2.0, norm=norm, scale=scale, **masks)
