@@ -184,6 +184,33 @@ def test_sft_trainer_refuses_other_loss_types(tmp_path: Path) -> None:
         trainer.train()
 
 
+def test_sft_trainer_with_lora_and_packing(tmp_path: Path) -> None:
+    """SFTTrainer wraps the model in PEFT itself: the penalty trains the adapters."""
+    trl = pytest.importorskip("trl")
+    peft = pytest.importorskip("peft")
+    from rapt_reg.integrations import with_rapt
+
+    tokenizer, model = _tiny_llm()
+    lora = peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
+    trainer = with_rapt(trl.SFTTrainer)(
+        model=model,
+        args=_sft_args(tmp_path, packing=True),
+        train_dataset=_sentences(),
+        processing_class=tokenizer,
+        peft_config=lora,
+        rapt_kwargs={"min_layer": 0},
+    )
+    adapters = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if "lora_B" in n}
+    trainer.train()
+    logged = [
+        entry["rapt_penalty"] for entry in trainer.state.log_history if "rapt_penalty" in entry
+    ]
+    assert len(logged) == 2 and all(value > 0 for value in logged)
+    assert trainer.rapt is not None and trainer.rapt.model is model  # seen through PEFT
+    params = dict(trainer.model.named_parameters())
+    assert adapters and any(not torch.equal(v, params[n]) for n, v in adapters.items())
+
+
 @pytest.mark.parametrize("packing", [False, True], ids=["padding", "packing"])
 def test_sft_trainer_with_rapt(tmp_path: Path, packing: bool) -> None:
     trl = pytest.importorskip("trl")
