@@ -28,6 +28,7 @@ from . import divergence as div
 from .discovery import BlocksSpec, unwrap_model
 from .errors import RaptRegError
 from .hooks import NoisyPass
+from .noise import check_token_masks, token_mask_like
 from .regularizer import Output, PerturbationRegularizer, check_number, logits_of
 from .replay import carry
 
@@ -181,6 +182,8 @@ class SmartRegularizer(PerturbationRegularizer):
         clean_output: Output,
         *,
         mask: Optional[torch.Tensor] = None,
+        noise_mask: Optional[torch.Tensor] = None,
+        segment_ids: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         """Run ``k + 1`` noisy passes (``k`` ascent steps, then the penalty pass).
 
@@ -190,6 +193,11 @@ class SmartRegularizer(PerturbationRegularizer):
             clean_output: The clean forward's output (a tensor or has ``.logits``).
             mask: Optional boolean ``[...]`` mask over the leading dims of the logits; positions
                 where it is false count neither in the ascent loss nor in the penalty.
+            noise_mask: Optional bool ``[batch, seq]``, True on real tokens: padding gets no
+                noise, initial or after an ascent step (and, with ``per_sequence``, each
+                example's norm is taken over its real tokens).
+            segment_ids: Accepted for the shared call shape; SMART's noise is normalised per
+                token, so packed segments need nothing. Refused with ``per_sequence=True``.
 
         Returns:
             ``alpha * divergence(noisy, clean)``; zero when the model is in eval mode or the
@@ -200,11 +208,17 @@ class SmartRegularizer(PerturbationRegularizer):
                 (with ``nonfinite="raise"``).
         """
         self._check_callable(noisy_forward)
+        check_token_masks(noise_mask, segment_ids)
+        if segment_ids is not None and self.per_sequence:
+            raise RaptRegError(
+                "SmartRegularizer(per_sequence=True) does not support segment_ids (packed "
+                "rows): use per_sequence=False, whose per-token norm needs no segments"
+            )
         clean_logits = logits_of(clean_output)
         if not self._training():
             return self._eval_penalty(clean_logits)
         self._seed = self._draw_seed()
-        noise = _Noise()
+        noise = _Noise(noise_mask=noise_mask)
         target = clean_logits.detach()
         for _ in range(self.k):
             with torch.enable_grad():
@@ -225,7 +239,7 @@ class SmartRegularizer(PerturbationRegularizer):
                 self._skipped += 1
                 return self._zero(clean_logits)
             with torch.no_grad():
-                noise.value = self._project(leaf + self.step_size * grad)
+                noise.value = self._project(leaf + self.step_size * grad, noise.keep)
             noise.value.requires_grad_()  # the next ascent pass differentiates with respect to it
         noisy_logits = self._noisy_pass(noisy_forward, noise, ascent=False)
         return self._penalty(noisy_logits, clean_logits, mask)
@@ -247,10 +261,12 @@ class SmartRegularizer(PerturbationRegularizer):
     def _batch_dim(self) -> int:
         return self._hooks.batch_dim(0) if len(self.stacks) == 1 else 0
 
-    def _project(self, x: torch.Tensor) -> torch.Tensor:
+    def _project(self, x: torch.Tensor, keep: Optional[torch.Tensor]) -> torch.Tensor:
         # MT-DNN's _norm_grad: divide by (norm + epsilon). Not rapt_reg.noise.scale_noise, which
         # clamps instead of adding epsilon: with noise_var-sized values (1e-5) the additive
         # 1e-6 changes the result by a few percent.
+        if keep is not None:
+            x = torch.where(keep, x, 0.0)
         if self.per_sequence:
             dims: tuple[int, ...] = tuple(d for d in range(x.ndim) if d != self._batch_dim())
         else:
@@ -278,7 +294,11 @@ class SmartRegularizer(PerturbationRegularizer):
                     device=hidden.device,
                     dtype=torch.promote_types(hidden.dtype, torch.float32),
                 )
-                noise.value = (sample * self.noise_var).to(hidden.dtype).requires_grad_(ascent)
+                sample = sample * self.noise_var
+                if noise.noise_mask is not None:
+                    noise.keep = token_mask_like(noise.noise_mask, hidden, batch_dim)
+                    sample = torch.where(noise.keep, sample, 0.0)
+                noise.value = sample.to(hidden.dtype).requires_grad_(ascent)
             elif noise.value.shape != hidden.shape:
                 raise RaptRegError(
                     f"the embedding output changed shape between SMART's passes "
@@ -297,6 +317,8 @@ class _Noise:
     """SMART's current perturbation, shared by the hook closure and the ascent loop."""
 
     value: Optional[torch.Tensor] = None
+    noise_mask: Optional[torch.Tensor] = None  # [batch, seq], as given
+    keep: Optional[torch.Tensor] = None  # the same, broadcastable to the hidden states
 
 
 EmbeddingsSpec = Union[str, nn.Module, Sequence[Union[str, nn.Module]], None]
@@ -435,6 +457,8 @@ class R3FRegularizer(PerturbationRegularizer):
         clean_output: Output,
         *,
         mask: Optional[torch.Tensor] = None,
+        noise_mask: Optional[torch.Tensor] = None,
+        segment_ids: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         """Run ``noisy_forward`` once with noise on the token embeddings; return the penalty.
 
@@ -442,6 +466,10 @@ class R3FRegularizer(PerturbationRegularizer):
             noisy_forward: Zero-argument callable running the model on the same batch.
             clean_output: The clean forward's output (a tensor or has ``.logits``).
             mask: Optional ``[...]`` mask over the leading dims of the logits.
+            noise_mask: Optional bool ``[batch, seq]``, True on real tokens: padding gets no
+                noise (the token embeddings must be ``[batch, seq, hidden]``).
+            segment_ids: Accepted for the shared call shape; R3F's noise is elementwise, so
+                packed segments need nothing.
 
         Returns:
             ``alpha * divergence(noisy, clean)``; zero in eval mode.
@@ -451,6 +479,7 @@ class R3FRegularizer(PerturbationRegularizer):
                 not finite (with ``nonfinite="raise"``).
         """
         self._check_callable(noisy_forward)
+        check_token_masks(noise_mask, segment_ids)
         clean_logits = logits_of(clean_output)
         if not self._training():
             return self._eval_penalty(clean_logits)
@@ -462,7 +491,7 @@ class R3FRegularizer(PerturbationRegularizer):
                 "regularizer: call it once per step, outside the model's forward"
             )
         self._seed = self._draw_seed()
-        self._armed = state = _R3FPass()
+        self._armed = state = _R3FPass(noise_mask=noise_mask)
         try:
             noisy_logits = logits_of(noisy_forward())
         finally:
@@ -512,6 +541,8 @@ class R3FRegularizer(PerturbationRegularizer):
                 "naming a module that returns the embeddings"
             )
         delta = self._sample(output)
+        if state.noise_mask is not None:
+            delta = torch.where(token_mask_like(state.noise_mask, output), delta, 0.0)
         with torch.no_grad():
             state.ratio = delta.float().norm() / output.detach().float().norm().clamp_min(1e-30)
         return output.detach() + delta
@@ -520,3 +551,4 @@ class R3FRegularizer(PerturbationRegularizer):
 @dataclass
 class _R3FPass:
     ratio: Optional[torch.Tensor] = None
+    noise_mask: Optional[torch.Tensor] = None

@@ -40,8 +40,9 @@ class BlockStack:
             model's config reports more layers than the stack has modules).
         batch_dim: The dimension of the hidden states that indexes examples: from a
             ``batch_first`` attribute in the block (1 for ``nn.TransformerEncoderLayer`` with
-            ``batch_first=False``), or given as ``batch_dim=``; None when neither says, and
-            the first forward decides (see :func:`rapt_reg.hooks.infer_batch_dim`).
+            ``batch_first=False``), or given as ``batch_dim=``; None when neither says, until
+            the first noisy pass decides (see :func:`rapt_reg.hooks.infer_batch_dim`; 0 when
+            nothing tells).
     """
 
     path: str

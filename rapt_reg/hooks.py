@@ -226,8 +226,9 @@ class StackHooks:
         if p.calls != 1:
             return None
         hidden = input_hidden(args, kwargs)
-        if hidden is not None and self._batch_dims[index] is None:
-            self._batch_dims[index] = infer_batch_dim(hidden, args, kwargs)
+        if hidden is not None and self._batch_dims[index] is None:  # the first forward decides
+            inferred = infer_batch_dim(hidden, args, kwargs)
+            self._batch_dims[index] = 0 if inferred is None else inferred
         if p.layer != 0:
             return None
         if hidden is None:

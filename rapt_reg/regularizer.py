@@ -21,7 +21,7 @@ from .discovery import (
 )
 from .errors import RaptRegError
 from .hooks import NoisyPass, Perturb, StackHooks
-from .noise import NORMS, sample_noise
+from .noise import ETA_SCALES, NORMS, check_token_masks, hidden_rms, sample_noise
 from .replay import carry
 
 Output = Any
@@ -136,11 +136,18 @@ class PerturbationRegularizer(abc.ABC):
         clean_output: Output,
         *,
         mask: Optional[torch.Tensor] = None,
+        noise_mask: Optional[torch.Tensor] = None,
+        segment_ids: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         """The penalty for one step (see the subclasses)."""
 
     def pair(
-        self, forward: Callable[[], Output], *, mask: Optional[torch.Tensor] = None
+        self,
+        forward: Callable[[], Output],
+        *,
+        mask: Optional[torch.Tensor] = None,
+        noise_mask: Optional[torch.Tensor] = None,
+        segment_ids: Optional[torch.Tensor] = None,
     ) -> tuple[Output, torch.Tensor]:
         """Run the clean pass, then ``self(forward, clean_output, mask=mask)``.
 
@@ -151,13 +158,19 @@ class PerturbationRegularizer(abc.ABC):
         Args:
             forward: Zero-argument callable running the model on the batch.
             mask: As in ``__call__``.
+            noise_mask: As in ``__call__``.
+            segment_ids: As in ``__call__``.
 
         Returns:
             ``(clean_output, penalty)``.
         """
         self._check_callable(forward, "forward")
+        check_token_masks(noise_mask, segment_ids)  # refused before any forward runs
         clean_output = forward()
-        return clean_output, self(forward, clean_output, mask=mask)
+        penalty = self(
+            forward, clean_output, mask=mask, noise_mask=noise_mask, segment_ids=segment_ids
+        )
+        return clean_output, penalty
 
     @property
     def skipped_steps(self) -> int:
@@ -259,6 +272,8 @@ class PerturbationRegularizer(abc.ABC):
         if p.stack is not None and len(self.stacks) > 1:
             hooks.keep_only(p.stack)
             self.stacks = [self.stacks[p.stack]]
+        if len(self.stacks) == 1 and self.stacks[0].batch_dim is None and p.calls:
+            self.stacks = [self.stacks[0].with_batch_dim(hooks.batch_dim(0))]
 
     def _verify(self, p: NoisyPass) -> None:
         """Raise, naming the causes, when the noise of a finished pass did not reach the model."""
@@ -418,6 +433,11 @@ class RandomPerturbationRegularizer(PerturbationRegularizer):
             construction; None takes that one seed from the global RNG. Either way no step
             draws from the global RNG afterwards.
         per_token: Scale each position's noise to ``eta`` instead of each example's.
+        eta_scale: ``"absolute"`` (the paper): each example's noise has inf-norm ``eta``;
+            ``"hidden_rms"``: inf-norm ``eta * RMS(h)``, the RMS of that example's hidden
+            states at the perturbed layer (over its real tokens and features; per segment,
+            per token as the noise is), for pre-norm models whose hidden-state scale varies
+            with depth and architecture (see docs/noise-scale.md).
         prefer: Part of a dotted path that wins when the model has several stacks of blocks.
         nonfinite: What a NaN/inf penalty does. Either way that step's penalty becomes 0 and
             reaches no weight, decided on the device; ``"raise"`` (default) then raises at the
@@ -463,6 +483,7 @@ class RandomPerturbationRegularizer(PerturbationRegularizer):
         prefer: Optional[str] = "encoder",
         nonfinite: str = "raise",
         batch_dim: Optional[int] = None,
+        eta_scale: str = "absolute",
     ) -> None:
         super().__init__(
             model, alpha=alpha, divergence=divergence, generator=generator, nonfinite=nonfinite
@@ -479,6 +500,9 @@ class RandomPerturbationRegularizer(PerturbationRegularizer):
             isinstance(batch_dim, bool) or not isinstance(batch_dim, int) or batch_dim < 0
         ):
             raise RaptRegError(f"batch_dim must be None or an int >= 0, got {batch_dim!r}")
+        if eta_scale not in ETA_SCALES:
+            raise RaptRegError(f"unknown eta_scale {eta_scale!r}: use one of {ETA_SCALES}")
+        self.eta_scale = eta_scale
         self.max_layer, self.min_layer = max_layer, min_layer
         self.norm, self.per_token = norm, per_token
         self.stacks = self._find_stacks(blocks, prefer, batch_dim)
@@ -495,6 +519,8 @@ class RandomPerturbationRegularizer(PerturbationRegularizer):
         clean_output: Output,
         *,
         mask: Optional[torch.Tensor] = None,
+        noise_mask: Optional[torch.Tensor] = None,
+        segment_ids: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         """Run ``noisy_forward`` once with noise at a random layer; return the penalty.
 
@@ -504,6 +530,12 @@ class RandomPerturbationRegularizer(PerturbationRegularizer):
             clean_output: The output of the clean forward (a tensor or has ``.logits``).
             mask: Optional ``[...]`` mask over the leading dims of the logits (e.g. the
                 attention mask of token-level outputs); masked positions do not count.
+            noise_mask: Optional bool ``[batch, seq]``, True on real tokens (e.g.
+                ``attention_mask.bool()``): padding gets no noise, and each example's norm is
+                taken over its real tokens only, so the noise does not depend on the padding.
+                An example without real tokens gets no noise.
+            segment_ids: Optional integer ``[batch, seq]`` for packed rows: each (row,
+                segment) pair is scaled as one example.
 
         Returns:
             ``alpha * divergence(noisy, clean)``, a scalar to add to the task loss. Zero (and
@@ -514,12 +546,14 @@ class RandomPerturbationRegularizer(PerturbationRegularizer):
         """
         self._check_callable(noisy_forward)
         clean_logits = logits_of(clean_output)
+        check_token_masks(noise_mask, segment_ids)
         if not self._training():
             return self._eval_penalty(clean_logits)
         # Algorithm 1: choose r, draw the noise (in the hook, at layer r), compare the outputs.
         layer = self._rng.randint(self.min_layer, self.max_layer)
         seed = self._draw_seed()
-        p = NoisyPass(layer=layer, perturb=self._perturbation(seed))
+        perturb = self._perturbation(seed, noise_mask, segment_ids)
+        p = NoisyPass(layer=layer, perturb=perturb)
         self._run_noisy(self._hooks, noisy_forward, p)
         self.last_layer = layer
         noisy_logits = carry(logits_of(p.output), p.replay)
@@ -544,11 +578,30 @@ class RandomPerturbationRegularizer(PerturbationRegularizer):
 
     # -- internals ------------------------------------------------------------------------------
 
-    def _perturbation(self, seed: int) -> Perturb:
-        """``delta = eta * d / ||d||_inf``, ``d ~ N(0, sigma^2 I)``; the same for one ``seed``."""
+    def _perturbation(
+        self,
+        seed: int,
+        noise_mask: Optional[torch.Tensor] = None,
+        segment_ids: Optional[torch.Tensor] = None,
+    ) -> Perturb:
+        """``delta = eta * d / ||d||_inf``, ``d ~ N(0, sigma^2 I)``; the same for one ``seed``.
+
+        With ``noise_mask``/``segment_ids`` the norm is per real-token example (or segment) and
+        padding gets none; with ``eta_scale="hidden_rms"``, ``eta`` is relative to the RMS of
+        the hidden states it is added to.
+        """
 
         @torch.compiler.disable
         def perturb(hidden: torch.Tensor, batch_dim: int) -> torch.Tensor:
+            scale = None
+            if self.eta_scale == "hidden_rms":
+                scale = hidden_rms(
+                    hidden,
+                    batch_dim=batch_dim,
+                    per_token=self.per_token,
+                    noise_mask=noise_mask,
+                    segment_ids=segment_ids,
+                )
             return sample_noise(
                 hidden.shape,
                 eta=self.eta,
@@ -559,6 +612,9 @@ class RandomPerturbationRegularizer(PerturbationRegularizer):
                 dtype=hidden.dtype,
                 device=hidden.device,
                 generator=self._noise_source(hidden.device, seed),
+                noise_mask=noise_mask,
+                segment_ids=segment_ids,
+                scale=scale,
             )
 
         return perturb

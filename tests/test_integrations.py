@@ -288,7 +288,7 @@ def test_trainer_trains_and_logs_the_penalty(
 def test_trainer_loss_is_the_task_loss_plus_the_penalty(
     tmp_path: Path, accelerator_state: None
 ) -> None:
-    """Token-level outputs: positions labelled -100 are left out of the penalty."""
+    """Causal LM: position t counts where labels[t + 1] is trained (the shift), others not."""
 
     def regularizer(model: nn.Module) -> rapt_reg.RandomPerturbationRegularizer:
         return rapt_reg.RandomPerturbationRegularizer(
@@ -301,8 +301,10 @@ def test_trainer_loss_is_the_task_loss_plus_the_penalty(
     loss = trainer.compute_loss(model, dict(inputs))
     trainer.rapt.remove()
 
-    mask = inputs["labels"] != -100
-    assert not bool(mask.all())
+    labels = inputs["labels"]
+    mask = torch.zeros_like(labels, dtype=torch.bool)
+    mask[:, :-1] = labels[:, 1:] != -100  # logits[t] is judged by labels[t + 1]
+    assert not bool(mask.all()) and not torch.equal(mask, labels != -100)
     clean = model(**inputs)
     penalties = {}
     for masked in (True, False):

@@ -5,7 +5,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from rapt_reg.noise import sample_noise, scale_noise
+from rapt_reg import RaptRegError
+from rapt_reg.noise import hidden_rms, sample_noise, scale_noise
 
 shapes = st.lists(st.integers(1, 6), min_size=1, max_size=4).map(tuple)
 dtypes = st.sampled_from([torch.float32, torch.float64, torch.bfloat16, torch.float16])
@@ -84,3 +85,247 @@ def test_zero_noise_does_not_divide_by_zero():
 def test_unknown_norm_is_refused():
     with pytest.raises(ValueError, match="norm must be one of"):
         scale_noise(torch.ones(2, 2), eta=1.0, norm="l1")
+
+
+# -- padding and packing ----------------------------------------------------------------------
+
+
+@st.composite
+def token_batches(draw, segments: bool = False):
+    """(shape [batch, seq, hidden], noise_mask [batch, seq], segment_ids or None, batch_dim)."""
+    batch, seq, hidden = draw(st.integers(1, 4)), draw(st.integers(1, 7)), draw(st.integers(1, 5))
+    mask = torch.tensor(draw(st.lists(st.booleans(), min_size=batch * seq, max_size=batch * seq)))
+    ids = None
+    if segments:  # any integers, not only runs from 0: -3..3
+        values = st.lists(st.integers(-3, 3), min_size=batch * seq, max_size=batch * seq)
+        ids = torch.tensor(draw(values)).reshape(batch, seq)
+    return (batch, seq, hidden), mask.reshape(batch, seq), ids, draw(st.sampled_from([0, 1]))
+
+
+def batch_first(x: torch.Tensor, batch_dim: int) -> torch.Tensor:
+    return x.movedim(batch_dim, 0)
+
+
+def layout(shape: tuple[int, ...], batch_dim: int) -> tuple[int, ...]:
+    return (shape[1], shape[0], *shape[2:]) if batch_dim == 1 else shape
+
+
+def group_norm(x: torch.Tensor, keep: torch.Tensor, norm: str) -> torch.Tensor:
+    """The norm of x [n, hidden] over the rows where keep is True (float64)."""
+    values = x.double()[keep]
+    if norm == "inf":
+        return values.abs().max() if values.numel() else torch.tensor(0.0, dtype=torch.float64)
+    return values.norm()
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    case=token_batches(),
+    norm=st.sampled_from(["inf", "l2"]),
+    eta=etas,
+    seed=st.integers(0, 2**31),
+)
+def test_masked_noise_is_zero_off_the_mask_and_eta_on_it(case, norm, eta, seed):
+    """Padding gets exactly zero; each example's norm over its real tokens is eta (0 if none)."""
+    shape, mask, _, batch_dim = case
+    gen = torch.Generator().manual_seed(seed)
+    noise = sample_noise(
+        layout(shape, batch_dim),
+        eta=eta,
+        norm=norm,
+        batch_dim=batch_dim,
+        noise_mask=mask,
+        generator=gen,
+    )
+    noise = batch_first(noise, batch_dim)
+    assert bool((noise[~mask] == 0).all())
+    for b in range(shape[0]):
+        expected = eta if bool(mask[b].any()) else 0.0
+        torch.testing.assert_close(
+            group_norm(noise[b], mask[b], norm),
+            torch.tensor(expected, dtype=torch.float64),
+            rtol=1e-5,
+            atol=0,
+        )
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    case=token_batches(segments=True),
+    masked=st.booleans(),
+    norm=st.sampled_from(["inf", "l2"]),
+    eta=etas,
+    seed=st.integers(0, 2**31),
+)
+def test_each_segment_is_scaled_as_one_example(case, masked, norm, eta, seed):
+    """Every (row, segment id) pair: norm eta over its real tokens, as if it were alone."""
+    shape, mask, ids, batch_dim = case
+    mask = mask if masked else torch.ones_like(mask)
+    raw = torch.randn(layout(shape, batch_dim), generator=torch.Generator().manual_seed(seed))
+    noise = scale_noise(
+        raw,
+        eta=eta,
+        norm=norm,
+        batch_dim=batch_dim,
+        noise_mask=mask if masked else None,
+        segment_ids=ids,
+    )
+    noise, raw = batch_first(noise, batch_dim), batch_first(raw, batch_dim)
+    for b in range(shape[0]):
+        for segment in ids[b].unique():
+            where = ids[b] == segment
+            keep = where & mask[b]
+            expected = eta if bool(keep.any()) else 0.0
+            torch.testing.assert_close(
+                group_norm(noise[b], keep, norm),
+                torch.tensor(expected, dtype=torch.float64),
+                rtol=1e-5,
+                atol=0,
+            )
+            if not bool(keep.any()):
+                continue
+            # The segment alone, as an example of its own, gets the same noise.
+            alone = scale_noise(raw[b][keep][None], eta=eta, norm=norm)[0]
+            torch.testing.assert_close(noise[b][keep], alone, rtol=1e-6, atol=0)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    length=st.integers(1, 6),
+    pads=st.lists(st.integers(0, 9), min_size=2, max_size=2),
+    norm=st.sampled_from(["inf", "l2"]),
+    per_token=st.booleans(),
+    seed=st.integers(0, 2**31),
+)
+def test_noise_on_real_tokens_does_not_depend_on_padding(length, pads, norm, per_token, seed):
+    """The same draws on the real tokens give the same noise, however much padding follows
+    (whatever the padding's own draws); so the distribution of the noise on real tokens, and
+    its norm, do not depend on the pad length."""
+    gen = torch.Generator().manual_seed(seed)
+    real = torch.randn(1, length, 4, generator=gen)
+    outputs = []
+    for pad in pads:
+        raw = torch.cat([real, 100 * torch.randn(1, pad, 4, generator=gen)], dim=1)
+        mask = torch.arange(length + pad)[None] < length
+        noise = scale_noise(raw, eta=2.0, norm=norm, per_token=per_token, noise_mask=mask)
+        outputs.append(noise[:, :length])
+        assert bool((noise[:, length:] == 0).all())
+    torch.testing.assert_close(outputs[0], outputs[1], rtol=1e-6, atol=0)
+    unpadded = scale_noise(real, eta=2.0, norm=norm, per_token=per_token)
+    torch.testing.assert_close(outputs[0], unpadded, rtol=1e-6, atol=0)
+
+
+@settings(max_examples=40, deadline=None)
+@given(case=token_batches(), eta=etas, seed=st.integers(0, 2**31))
+def test_per_token_with_a_mask_zeroes_padding(case, eta, seed):
+    shape, mask, _, batch_dim = case
+    noise = sample_noise(
+        layout(shape, batch_dim),
+        eta=eta,
+        batch_dim=batch_dim,
+        per_token=True,
+        noise_mask=mask,
+        generator=torch.Generator().manual_seed(seed),
+    )
+    size = batch_first(noise, batch_dim).double().abs().amax(-1)
+    expected = torch.where(mask, eta, 0.0).double()
+    torch.testing.assert_close(size, expected, rtol=1e-6, atol=0)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    case=token_batches(segments=True),
+    use_segments=st.booleans(),
+    eta=etas,
+    hidden_scale=st.floats(1e-3, 1e3),
+    seed=st.integers(0, 2**31),
+)
+def test_eta_relative_to_the_hidden_rms(case, use_segments, eta, hidden_scale, seed):
+    """scale=hidden_rms(h): each example's (segment's) noise has inf-norm eta * RMS(h), the
+    RMS taken over its real tokens and features."""
+    shape, mask, ids, batch_dim = case
+    ids = ids if use_segments else torch.zeros_like(ids)
+    gen = torch.Generator().manual_seed(seed)
+    hidden = hidden_scale * torch.randn(layout(shape, batch_dim), generator=gen)
+    masks = dict(batch_dim=batch_dim, noise_mask=mask, segment_ids=ids if use_segments else None)
+    noise = sample_noise(
+        hidden.shape, eta=eta, generator=gen, scale=hidden_rms(hidden, **masks), **masks
+    )
+    noise, hidden = batch_first(noise, batch_dim), batch_first(hidden, batch_dim)
+    for b in range(shape[0]):
+        for segment in ids[b].unique():
+            keep = (ids[b] == segment) & mask[b]
+            rms = hidden[b][keep].double().square().mean().sqrt() if bool(keep.any()) else 0.0
+            expected = torch.as_tensor(eta * rms, dtype=torch.float64)
+            torch.testing.assert_close(
+                group_norm(noise[b], keep, "inf"), expected, rtol=1e-5, atol=0
+            )
+
+
+def test_hidden_rms_without_masks():
+    hidden = torch.tensor([[[3.0, 4.0]], [[0.0, 1.0]]])
+    torch.testing.assert_close(hidden_rms(hidden).flatten(), torch.tensor([12.5, 0.5]).sqrt())
+    torch.testing.assert_close(
+        hidden_rms(hidden, batch_dim=1).flatten(), torch.tensor([6.5]).sqrt()
+    )
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        (
+            {"noise_mask": torch.ones(2, 5, dtype=torch.bool)},
+            r"noise_mask has shape \(2, 5\).*\(2, 3\)",
+        ),
+        ({"noise_mask": torch.ones(2, 3, dtype=torch.long)}, "attention_mask.bool()"),
+        ({"noise_mask": torch.ones(6, dtype=torch.bool)}, r"\[batch, seq\], got \(6,\)"),
+        ({"segment_ids": torch.zeros(2, 3)}, "integer tensor"),
+        ({"segment_ids": torch.zeros(3, 2, dtype=torch.long)}, r"segment_ids has shape \(3, 2\)"),
+    ],
+    ids=["mask-shape", "mask-dtype", "mask-ndim", "ids-dtype", "ids-shape"],
+)
+def test_bad_masks_are_refused(kwargs, match):
+    with pytest.raises(RaptRegError, match=match):
+        scale_noise(torch.randn(2, 3, 4), eta=1.0, **kwargs)
+
+
+def test_masks_need_token_level_hidden_states():
+    with pytest.raises(RaptRegError, match="leave them out"):
+        scale_noise(torch.randn(4), eta=1.0, noise_mask=torch.ones(4, 1, dtype=torch.bool))
+
+
+def test_hidden_rms_per_token_and_without_gradient():
+    hidden = torch.tensor([[[3.0, 4.0], [1.0, 1.0]]], requires_grad=True)
+    rms = hidden_rms(hidden, per_token=True)
+    assert not rms.requires_grad and rms.dtype == torch.float32
+    torch.testing.assert_close(rms.flatten(), torch.tensor([12.5, 1.0]).sqrt())
+    mask = torch.tensor([[True, False]])
+    torch.testing.assert_close(
+        hidden_rms(hidden, noise_mask=mask).flatten(), torch.tensor([12.5]).sqrt()
+    )
+
+
+def test_masked_scaling_makes_no_host_syncs(monkeypatch):
+    """Masks are applied with where/scatter on the device: no tensor is read by the host."""
+
+    def refuse(*_, **__):
+        raise AssertionError("a tensor was read by the host")
+
+    for name in ("item", "tolist", "__bool__", "__float__", "__int__", "__index__", "nonzero"):
+        monkeypatch.setattr(torch.Tensor, name, refuse)
+    getitem = torch.Tensor.__getitem__
+
+    def no_boolean_indexing(self, index):
+        parts = index if isinstance(index, tuple) else (index,)
+        if any(isinstance(p, torch.Tensor) and p.dtype == torch.bool for p in parts):
+            raise AssertionError("boolean indexing (a host sync and a gathered copy)")
+        return getitem(self, index)
+
+    monkeypatch.setattr(torch.Tensor, "__getitem__", no_boolean_indexing)
+    mask = torch.rand(3, 7) > 0.3
+    ids = torch.randint(-2, 3, (3, 7))
+    hidden = torch.randn(7, 3, 5)
+    for norm in ("inf", "l2"):
+        masks = dict(batch_dim=1, noise_mask=mask, segment_ids=ids)
+        scale = hidden_rms(hidden, **masks)
+        sample_noise(hidden.shape, eta=2.0, norm=norm, scale=scale, **masks)

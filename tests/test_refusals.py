@@ -28,7 +28,15 @@ from rapt_reg import (
     SmartRegularizer,
 )
 
-CORE = ["regularizer.py", "hooks.py", "discovery.py", "baselines.py", "divergence.py", "replay.py"]
+CORE = [
+    "regularizer.py",
+    "hooks.py",
+    "discovery.py",
+    "baselines.py",
+    "divergence.py",
+    "replay.py",
+    "noise.py",
+]
 ERRORS = {"RaptRegError", "BlockDiscoveryError", "ambiguity_error"}
 _PACKAGE = Path(rapt_reg.__file__).parent
 HIT: set[tuple[str, int]] = set()
@@ -161,6 +169,20 @@ class NoTensorBlock(nn.Module):
 
     def forward(self, x: Any = None) -> Any:
         return object() if x is None else x
+
+
+class FlatStack(nn.Module):
+    """Blocks on 1-D hidden states: nothing there for a [batch, seq] noise mask to fit."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(NoTensorBlock() for _ in range(2))
+        self.w = nn.Parameter(torch.ones(3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            x = layer(x)
+        return (x * self.w)[None]
 
 
 class ListStack(nn.Module):
@@ -304,6 +326,39 @@ CALL_CASES: dict[str, tuple[Callable[[], nn.Module], Callable[[nn.Module], Calla
             lambda r, m: (r(lambda: m(IDS) * float("nan"), m(IDS)), r.stats()),
         ),
     ),
+    "noise_mask not 2-D": (
+        _model,
+        _call(RAPT, lambda r, m: r.pair(lambda: m(IDS), noise_mask=torch.ones(2, dtype=bool))),
+    ),
+    "noise_mask not bool": (
+        _model,
+        _call(RAPT, lambda r, m: r.pair(lambda: m(IDS), noise_mask=torch.ones(2, 5))),
+    ),
+    "segment_ids not integer": (
+        _model,
+        _call(RAPT, lambda r, m: r.pair(lambda: m(IDS), segment_ids=torch.ones(2, 5))),
+    ),
+    "noise_mask of another shape": (
+        _model,
+        _call(
+            RAPT,
+            lambda r, m: r.pair(lambda: m(IDS), noise_mask=torch.ones(2, 4, dtype=torch.bool)),
+        ),
+    ),
+    "noise_mask on 1-D hidden states": (
+        FlatStack,
+        _call(
+            functools.partial(RAPT, blocks="layers", min_layer=1, max_layer=1),
+            lambda r, m: r.pair(
+                lambda: m(torch.ones(3)), noise_mask=torch.ones(1, 3, dtype=torch.bool)
+            ),
+        ),
+    ),
+    "scale_noise norm unknown": (
+        _model,
+        _call(RAPT, lambda r, m: rapt_reg.scale_noise(torch.ones(2, 3), eta=1.0, norm="l1")),
+    ),
+    "eta_scale unknown": (_model, _call(RAPT, lambda r, m: RAPT(m, eta_scale="max"))),
     "not a state dict": (_model, _call(RAPT, lambda r, m: r.load_state_dict({"rng": 1}))),
     "perturb stack of r3f": (_model, _call(R3FRegularizer, lambda r, m: r.stack)),
     "smart ascent without grad": (
@@ -311,6 +366,13 @@ CALL_CASES: dict[str, tuple[Callable[[], nn.Module], Callable[[nn.Module], Calla
         _call(
             SmartRegularizer,
             lambda r, m: r(lambda: m(IDS).detach(), m(IDS)),
+        ),
+    ),
+    "smart per_sequence with segments": (
+        _model,
+        _call(
+            functools.partial(SmartRegularizer, per_sequence=True),
+            lambda r, m: r.pair(lambda: m(IDS), segment_ids=torch.zeros(2, 5, dtype=torch.long)),
         ),
     ),
     "smart batch changed shape": (

@@ -8,6 +8,10 @@ imports its framework on first access:
   :func:`~rapt_reg.integrations.transformers.with_rapt`: the transformers ``Trainer``.
 - :class:`~rapt_reg.integrations.lightning.RaptLightningMixin`: a Lightning ``LightningModule``
   (it imports nothing from Lightning).
+- :func:`~rapt_reg.integrations.masks.token_mask`,
+  :func:`~rapt_reg.integrations.masks.causal_token_mask` and
+  :func:`~rapt_reg.integrations.masks.noise_inputs`: which positions of a batch count in the
+  penalty and which get noise (torch alone).
 
 PEFT, accelerate, DDP and ``torch.compile`` need no helper: their wrappers are seen through.
 """
@@ -21,7 +25,9 @@ _LAZY = {
     "RaptTrainer": ("transformers", "transformers"),
     "RaptTrainerMixin": ("transformers", "transformers"),
     "with_rapt": ("transformers", "transformers"),
-    "token_mask": ("transformers", "transformers"),
+    "token_mask": ("masks", None),
+    "causal_token_mask": ("masks", None),
+    "noise_inputs": ("masks", None),
     "RaptLightningMixin": ("lightning", None),
 }
 

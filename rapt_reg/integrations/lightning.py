@@ -30,6 +30,7 @@ from torch import nn
 
 from ..errors import RaptRegError
 from ..regularizer import Output, RandomPerturbationRegularizer
+from .masks import noise_inputs
 
 
 class RaptLightningMixin:
@@ -78,18 +79,35 @@ class RaptLightningMixin:
         super().teardown(stage)  # type: ignore[misc]
 
     def rapt_pair(
-        self, forward: Callable[[], Output], *, mask: Optional[torch.Tensor] = None
+        self,
+        forward: Callable[[], Output],
+        *,
+        mask: Optional[torch.Tensor] = None,
+        batch: Optional[Mapping[str, Any]] = None,
+        noise_mask: Optional[torch.Tensor] = None,
+        segment_ids: Optional[torch.Tensor] = None,
     ) -> tuple[Output, torch.Tensor]:
-        """``self.rapt.pair(forward, mask=mask)``, logging the penalty and the stats.
+        """``self.rapt.pair(forward, mask=mask, ...)``, logging the penalty and the stats.
 
         Args:
             forward: Zero-argument callable running the model on the batch.
             mask: Positions that count, for token-level outputs.
+            batch: The batch, when it is a mapping with transformers' keys: its
+                ``attention_mask`` becomes ``noise_mask`` (padding gets no noise) and its
+                ``position_ids`` restarts become ``segment_ids`` (packed examples are scaled
+                one by one), see :func:`rapt_reg.integrations.masks.noise_inputs`.
+            noise_mask: Given explicitly (wins over ``batch``).
+            segment_ids: Given explicitly (wins over ``batch``).
 
         Returns:
             ``(clean_output, penalty)``; add the penalty to the task loss.
         """
-        output, penalty = self.rapt.pair(forward, mask=mask)
+        noise = dict(noise_inputs(batch)) if batch is not None else {}
+        if noise_mask is not None:
+            noise["noise_mask"] = noise_mask
+        if segment_ids is not None:
+            noise["segment_ids"] = segment_ids
+        output, penalty = self.rapt.pair(forward, mask=mask, **noise)
         if self.rapt_log:
             log = self.log  # type: ignore[attr-defined]
             log("rapt/penalty", penalty.detach(), on_step=True, on_epoch=False)

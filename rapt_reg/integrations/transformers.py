@@ -2,6 +2,13 @@
 
 Importing this module imports transformers; ``import rapt_reg`` does not.
 
+For causal LMs the penalty counts the positions whose *next* label is trained
+(:func:`causal_token_mask`), for other token-level models those whose own label is
+(:func:`token_mask`); the noisy pass runs without labels (no second task loss); padding
+(``attention_mask``) gets no noise and packed examples (``position_ids`` restarting at 0) are
+scaled one by one (:func:`noise_inputs`). TRL's ``SFTTrainer`` works through
+``with_rapt(SFTTrainer)``.
+
 Example:
     >>> from rapt_reg.integrations.transformers import RaptTrainer
     >>> trainer = RaptTrainer(model=model, args=args, train_dataset=train_ds,
@@ -11,48 +18,76 @@ Example:
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from typing import Any, Callable, Optional
 
 import torch
 from torch import nn
 from transformers import Trainer
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 from ..discovery import unwrap_model
 from ..errors import RaptRegError
 from ..regularizer import RandomPerturbationRegularizer
+from .masks import IGNORE_INDEX, causal_token_mask, noise_inputs, token_mask
+
+__all__ = [
+    "IGNORE_INDEX",
+    "RaptTrainer",
+    "RaptTrainerMixin",
+    "causal_token_mask",
+    "is_causal_lm",
+    "noise_inputs",
+    "token_mask",
+    "with_rapt",
+]
 
 MaskFn = Callable[[Mapping[str, Any]], Optional[torch.Tensor]]
+NoiseFn = Callable[[Mapping[str, Any]], Mapping[str, torch.Tensor]]
 
-IGNORE_INDEX = -100
+_CAUSAL_LM_CLASSES = frozenset(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
 
 
-def token_mask(inputs: Mapping[str, Any]) -> Optional[torch.Tensor]:
-    """Which positions of a token-level output count in the penalty, from the batch alone.
-
-    Token-level labels (integer ``[batch, seq]``, as for causal LM, token classification and
-    seq2seq) mark ignored positions with -100: padding, and whatever the collator left out.
-    Sequence-level labels (``[batch]``, or float multi-label ``[batch, classes]``) and
-    batches without labels need no mask.
+def is_causal_lm(model: nn.Module) -> bool:
+    """Whether ``model`` (wrappers seen through) is a decoder-only LM whose logits are shifted.
 
     Args:
-        inputs: The batch handed to ``compute_loss``.
+        model: The model.
 
     Returns:
-        A boolean ``[batch, seq]`` mask, or None.
+        True for the classes of ``AutoModelForCausalLM`` (and any ``*ForCausalLM``) that are
+        not encoder-decoders.
     """
-    labels = inputs.get("labels")
-    if isinstance(labels, torch.Tensor) and labels.ndim >= 2 and not labels.is_floating_point():
-        return labels != IGNORE_INDEX
-    return None
+    model = unwrap_model(model)
+    config = getattr(model, "config", None)
+    if getattr(config, "is_encoder_decoder", False):
+        return False
+    name = type(model).__name__
+    return name in _CAUSAL_LM_CLASSES or name.endswith("ForCausalLM")
+
+
+def _is_trl_sft(trainer: object) -> bool:
+    return any(
+        cls.__name__ == "SFTTrainer" and cls.__module__.startswith("trl")
+        for cls in type(trainer).__mro__
+    )
 
 
 class RaptTrainerMixin:
     """Adds the RAPT penalty to the loss of any ``Trainer`` subclass (list it first).
 
     The clean pass is the parent's ``compute_loss`` (label smoothing, ``compute_loss_func``
-    and loss kwargs keep working); the noisy pass reuses it up to the perturbed layer through
-    :meth:`RandomPerturbationRegularizer.pair`. Evaluation and prediction run unchanged.
+    and loss kwargs keep working); the noisy pass runs the model on the same inputs without
+    the labels (``self.label_names``), so no second task loss is computed; an encoder-decoder
+    gets ``decoder_input_ids`` made from the labels instead. Evaluation and prediction run
+    unchanged: the penalty (and the noise) exists only when the model is training.
+
+    With TRL's ``SFTTrainer`` (``with_rapt(SFTTrainer)``), whose own loss runs a fused LM head
+    that makes no logits, the clean pass is ``transformers.Trainer.compute_loss`` instead: the
+    model's own negative log-likelihood over the trained tokens (TRL's default loss), with
+    the logits the penalty needs; TRL's training-step metrics (entropy, token accuracy, token
+    counts) are then not logged, and ``loss_type`` other than ``"nll"`` is refused.
 
     The regularizer is built on ``self.model`` at the first training step, so a model made by
     ``model_init`` or compiled by ``torch_compile=True`` is handled: the hooks are in place
@@ -62,7 +97,12 @@ class RaptTrainerMixin:
         rapt_regularizer: A ready regularizer (built on the Trainer's model) to use as is.
         rapt_kwargs: Keyword arguments for :class:`RandomPerturbationRegularizer` when it is
             built here (ignored with ``rapt_regularizer``).
-        rapt_mask: ``inputs -> mask`` for token-level outputs; :func:`token_mask` by default.
+        rapt_mask: ``inputs -> mask`` of the output positions that count in the penalty. None
+            (default): :func:`causal_token_mask` for causal LMs (:func:`is_causal_lm`),
+            :func:`token_mask` otherwise.
+        rapt_noise: ``inputs -> {"noise_mask": ..., "segment_ids": ...}`` (either key may be
+            left out) handed to the regularizer; :func:`noise_inputs` by default (from
+            ``attention_mask`` and ``position_ids``). None gives noise to every position.
         *args: Passed to the Trainer.
         **kwargs: Passed to the Trainer.
 
@@ -75,7 +115,8 @@ class RaptTrainerMixin:
         *args: Any,
         rapt_regularizer: Optional[RandomPerturbationRegularizer] = None,
         rapt_kwargs: Optional[Mapping[str, Any]] = None,
-        rapt_mask: MaskFn = token_mask,
+        rapt_mask: Optional[MaskFn] = None,
+        rapt_noise: Optional[NoiseFn] = noise_inputs,
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
@@ -88,6 +129,7 @@ class RaptTrainerMixin:
         self._rapt_given = rapt_regularizer is not None
         self._rapt_kwargs = dict(rapt_kwargs or {})
         self._rapt_mask = rapt_mask
+        self._rapt_noise = rapt_noise
         self._rapt_penalties: list[torch.Tensor] = []
 
     def _regularizer(self) -> RandomPerturbationRegularizer:
@@ -119,8 +161,14 @@ class RaptTrainerMixin:
         if not model.training or not torch.is_grad_enabled():
             return parent(model, inputs, return_outputs=return_outputs, **extra)
         reg = self._regularizer()
-        mask = self._rapt_mask(inputs)
-        noisy_inputs = dict(inputs)  # the parent may pop "labels" from inputs
+        if _is_trl_sft(self):
+            parent = self._plain_trainer_loss(inputs)
+        mask_fn = self._rapt_mask
+        if mask_fn is None:
+            mask_fn = causal_token_mask if is_causal_lm(model) else token_mask
+        mask = mask_fn(inputs)
+        noise = dict(self._rapt_noise(inputs)) if self._rapt_noise is not None else {}
+        noisy_inputs = self._noisy_inputs(model, inputs)  # before the parent pops "labels"
         task: list[torch.Tensor] = []
 
         def forward() -> Any:
@@ -130,7 +178,7 @@ class RaptTrainerMixin:
                 return outputs
             return model(**noisy_inputs)
 
-        outputs, penalty = reg.pair(forward, mask=mask)
+        outputs, penalty = reg.pair(forward, mask=mask, **noise)
         if self._loss_is_scaled_for_ga(num_items_in_batch):
             # The parent's loss is already normalised over the accumulated batch, so the
             # Trainer will not divide it by the accumulation steps: the penalty (a mean
@@ -139,6 +187,42 @@ class RaptTrainerMixin:
         self._rapt_penalties.append(penalty.detach())
         loss = task[0] + penalty
         return (loss, outputs) if return_outputs else loss
+
+    def _noisy_inputs(self, model: nn.Module, inputs: Mapping[str, Any]) -> dict[str, Any]:
+        """The inputs of the noisy pass: the batch without its labels (only logits are used).
+
+        An encoder-decoder that makes its decoder inputs from the labels gets them made here
+        (``prepare_decoder_input_ids_from_labels``); one that cannot keeps its labels.
+        """
+        label_names = getattr(self, "label_names", None) or ["labels"]
+        dropped = {*label_names, "shift_labels"}
+        noisy = {k: v for k, v in inputs.items() if k not in dropped}
+        labels = inputs.get("labels")
+        config = getattr(unwrap_model(model), "config", None)
+        needs_decoder_inputs = (
+            getattr(config, "is_encoder_decoder", False)
+            and isinstance(labels, torch.Tensor)
+            and "decoder_input_ids" not in inputs
+            and "decoder_inputs_embeds" not in inputs
+        )
+        if needs_decoder_inputs:
+            prepare = getattr(unwrap_model(model), "prepare_decoder_input_ids_from_labels", None)
+            if not callable(prepare):
+                return dict(inputs)
+            noisy["decoder_input_ids"] = prepare(labels=labels)
+        return noisy
+
+    def _plain_trainer_loss(self, inputs: dict[str, Any]) -> Callable[..., Any]:
+        """``transformers.Trainer.compute_loss`` on this trainer: TRL's SFT clean pass."""
+        loss_type = getattr(getattr(self, "args", None), "loss_type", "nll")
+        if loss_type != "nll":
+            raise RaptRegError(
+                f"RAPT with TRL's SFTTrainer supports loss_type='nll' only, got {loss_type!r}: "
+                "the penalty needs the clean pass's logits, which TRL's fused LM head does "
+                "not make, so the clean loss is the model's own NLL"
+            )
+        inputs["use_cache"] = False  # as SFTTrainer does: no cache in training
+        return functools.partial(Trainer.compute_loss, self)  # type: ignore[arg-type]
 
     def _loss_is_scaled_for_ga(self, num_items_in_batch: Optional[Any]) -> bool:
         # The Trainer's own rule (training_step) for whether it divides the loss itself.
@@ -170,7 +254,7 @@ class RaptTrainer(RaptTrainerMixin, Trainer):
     """``transformers.Trainer`` with the RAPT penalty added to the training loss.
 
     Takes the Trainer's arguments plus those of :class:`RaptTrainerMixin`
-    (``rapt_regularizer``, ``rapt_kwargs``, ``rapt_mask``).
+    (``rapt_regularizer``, ``rapt_kwargs``, ``rapt_mask``, ``rapt_noise``).
     """
 
 
@@ -178,7 +262,8 @@ def with_rapt(trainer_cls: type[Trainer]) -> type[Trainer]:
     """A subclass of ``trainer_cls`` (any Trainer subclass) that adds the RAPT penalty.
 
     Args:
-        trainer_cls: e.g. ``transformers.Seq2SeqTrainer`` or a Trainer of another library.
+        trainer_cls: e.g. ``transformers.Seq2SeqTrainer``, or a Trainer of another library
+            such as TRL's ``SFTTrainer``.
 
     Returns:
         ``class Rapt<name>(RaptTrainerMixin, trainer_cls)``.
