@@ -126,7 +126,8 @@ def _previous_runs(
     try:
         payload = report.json.loads(path.read_text(encoding="utf-8"))
         found = payload["fingerprint"]
-        runs = [RunResult(**r) for r in payload["runs"]]
+        keep = {f.name for f in fields(RunResult)}
+        runs = [RunResult(**{k: v for k, v in r.items() if k in keep}) for r in payload["runs"]]
     except (ValueError, KeyError, TypeError) as error:
         print_fn(f"{path} cannot be read ({error}); starting afresh")
         return []
