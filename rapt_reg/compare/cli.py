@@ -94,6 +94,8 @@ def environment() -> dict[str, str]:
         "torch_threads": str(torch.get_num_threads()),
         "cuda": str(torch.cuda.is_available()),
     }
+    if hasattr(os, "getloadavg"):  # how busy the machine was when the file was written
+        info["load_average"] = " / ".join(f"{x:.1f}" for x in os.getloadavg())
     try:
         import transformers
 
