@@ -98,6 +98,7 @@ def test_end_to_end_writes_table_json_and_plot(tiny, tmp_path, capsys):
     assert "| Standard |" in markdown and "95% interval" in markdown
     payload = json.loads((out / "results.json").read_text())
     assert payload["complete"] and payload["seeds_done"] == [0, 1]
+    assert "load_average" in payload["environment"]
     assert list(payload["methods"]) == methods.split(",")
     for entry in payload["methods"].values():
         assert len(entry["accuracy"]) == 2
@@ -156,7 +157,7 @@ def test_rerun_resumes_and_a_changed_configuration_starts_afresh(tiny, tmp_path,
     before = json.loads((out / "results.json").read_text())
     capsys.readouterr()
 
-    assert cli.main(_args(tiny, out, "--seeds", "3")) == 0
+    assert cli.main(_args(tiny, out, "--seeds", "3", "--threads", "1")) == 0
     printed = capsys.readouterr().out
     assert "seeds 0, 1 already done" in printed
     assert "seed 2:" in printed and "seed 0:" not in printed
@@ -294,7 +295,10 @@ def test_tsv_jsonl_and_folder_read_the_same_examples(tmp_path):
     for i, (text, label) in enumerate(rows):
         (folder / str(label)).mkdir(parents=True, exist_ok=True)
         (folder / str(label) / f"{i}.txt").write_text(f"  {text}\n")
-    for corpus in (textdata.read_table(tsv), textdata.read_table(jsonl)):
+    tab, ndjson = tmp_path / "d.tab", tmp_path / "d.ndjson"
+    tab.write_bytes(tsv.read_bytes())
+    ndjson.write_bytes(jsonl.read_bytes())
+    for corpus in map(textdata.read_table, (tsv, jsonl, tab, ndjson)):
         assert corpus.texts == [t for t, _ in rows]
         assert corpus.labels == ["pos", "neg", "3"]
     got = textdata.read_corpus(folder)
