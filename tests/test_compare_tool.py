@@ -6,6 +6,8 @@ import csv
 import json
 import math
 import random
+import subprocess
+import sys
 
 import pytest
 
@@ -267,6 +269,20 @@ def test_model_folder_that_does_not_load(tiny, tmp_path, capsys):
 def test_unknown_method_is_refused(tiny, tmp_path, capsys):
     err = _refused(tiny, tmp_path, capsys, "--methods", "standard,rapt,fgm")
     assert "unknown method 'fgm'" in err and "r3f" in err
+
+
+def test_python_dash_m_runs_the_same_command(tiny, tmp_path):
+    argv = _args(tiny, tmp_path / "out", "--methods", "fgm")
+    done = subprocess.run(
+        [sys.executable, "-m", "rapt_reg.compare", *argv],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert done.returncode == 2
+    assert done.stderr.strip().startswith("error: unknown method 'fgm'")
+    assert not (tmp_path / "out").exists()
 
 
 def test_too_few_examples_for_few_shot(tiny, tmp_path, capsys):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import json
 import platform
 import shlex
 import sys
@@ -126,7 +127,7 @@ def _previous_runs(
     if not path.is_file():
         return []
     try:
-        payload = report.json.loads(path.read_text(encoding="utf-8"))
+        payload = json.loads(path.read_text(encoding="utf-8"))
         found = payload["fingerprint"]
         keep = {f.name for f in fields(RunResult)}
         runs = [RunResult(**{k: v for k, v in r.items() if k in keep}) for r in payload["runs"]]
@@ -204,7 +205,7 @@ def _markdown(config: CompareConfig, table: str, verdicts: list[str], extra: dic
         f"seed; {config.steps} steps of batch {config.batch_size}, max length "
         f"{config.max_length}, learning rate {config.lr:g}. Accuracy mean ± std over seeds; "
         "Δ is the method's accuracy minus standard's in the same seed, with a 95% bootstrap "
-        f"interval over seeds. Wall time {extra['wall_seconds']:.0f} s.\n\n"
+        f"interval over seeds. Wall time of the last invocation {extra['wall_seconds']:.0f} s.\n\n"
         f"Command: `{extra['command']}`\n"
     )
 
@@ -288,8 +289,8 @@ def run(
     for line in verdicts:
         print_fn(line)
     print_fn(
-        f"wall time {extra['wall_seconds']:.0f} s; wrote results.md, results.json, "
-        f"results.png into {out}"
+        f"wall time {extra['wall_seconds']:.0f} s (this invocation); wrote results.md, "
+        f"results.json, results.png into {out}"
     )
     return payload
 
