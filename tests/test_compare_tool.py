@@ -124,6 +124,14 @@ def test_end_to_end_writes_table_json_and_plot(tiny, tmp_path, capsys):
     assert all(len(r["penalties"]) == 2 for r in runs if r["method"] != "standard")
 
 
+def test_progress_bars_per_seed(tiny, tmp_path, capsys):
+    argv = [a for a in _args(tiny, tmp_path / "out", "--seeds", "2") if a != "--no-progress"]
+    assert cli.main(argv) == 0
+    err = capsys.readouterr().err
+    for seed in (0, 1):
+        assert f"seed {seed} train" in err and f"seed {seed} eval" in err
+
+
 def test_methods_of_a_seed_share_weights_and_batches(tiny, tmp_path):
     # Same initial weights, same first batch, same dropout stream: the first clean task loss
     # is the same for every method; and a method's run does not depend on the others.
