@@ -416,6 +416,15 @@ def test_table_from_known_results():
     )
 
 
+def test_signed_points_never_show_minus_zero():
+    assert [report._signed(x) for x in (-0.04, 0.04, -0.06, 1.25)] == [
+        "+0.0",
+        "+0.0",
+        "\u22120.1",
+        "+1.2",
+    ]
+
+
 def test_macro_f1_and_unbalanced():
     import torch
 

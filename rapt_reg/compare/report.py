@@ -178,8 +178,9 @@ def summarize(results: Sequence[RunResult], methods: Sequence[str]) -> list[Meth
 
 
 def _signed(points: float) -> str:
-    # A true minus sign reads better than a hyphen in prose.
-    return f"{points:+.1f}".replace("-", "\u2212")
+    # A true minus sign reads better than a hyphen in prose; -0.04 reads as +0.0, not -0.0.
+    rounded = round(points, 1) + 0.0
+    return f"{rounded:+.1f}".replace("-", "\u2212")
 
 
 def verdict(row: MethodSummary) -> str:
