@@ -352,6 +352,19 @@ def test_empty_file_in_a_folder_is_refused(tmp_path):
         textdata.read_folder(tmp_path)
 
 
+def test_test_file_splits(tmp_path):
+    train = _write_csv(tmp_path / "train.csv", _rows(30))
+    test = _write_csv(tmp_path / "test.csv", _rows(12, seed=1))
+    config = CompareConfig(data=str(train), test=str(test), seeds=(0, 1))
+    prepared = training.prepare_data(config)
+    assert prepared.splits[0] == (list(range(30)), list(range(12)))
+    assert prepared.heldout().origin == str(test)
+    few = training.prepare_data(CompareConfig(**{**config.__dict__, "train_per_class": 10}))
+    assert len(few.splits[0][0]) == 30  # a class may give all its examples to training
+    drawn = training.prepare_data(CompareConfig(**{**config.__dict__, "eval_size": 5}))
+    assert len(drawn.splits[0][1]) == 5 and drawn.splits[0][1] != drawn.splits[1][1]
+
+
 def test_fraction_split_is_stratified_disjoint_and_seeded():
     labels = ["a"] * 50 + ["b"] * 10 + ["c"] * 2
     train, held = textdata.fraction_split(labels, 0.2, seed=3)
