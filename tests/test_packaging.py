@@ -25,7 +25,7 @@ FROM_TREE = ROOT in PACKAGE.parents
 # Modules that run only with an optional extra installed, and that extra.
 OPTIONAL_MODULES = {
     "rapt_reg.demo": "demo",
-    "rapt_reg._textdata": "demo",
+    "rapt_reg.compare": "demo",
     "rapt_reg.integrations.transformers": "transformers",
     "rapt_reg.integrations.lightning": "integrations",
 }
