@@ -181,6 +181,9 @@ def main(argv: Optional[Sequence[str]] = None, log: Callable[[str], None] = prin
     parser.add_argument("--from-json", type=Path, help="report and plot saved figures only")
     parser.add_argument("--plot", type=Path, default=Path("docs/img/vocab.png"))
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, 1 step: seconds")
+    parser.add_argument(
+        "--inprocess", action="store_true", help="no subprocesses (one heap: less faithful)"
+    )
     parser.add_argument("--child", nargs=3, metavar=("METHOD", "VOCAB", "SEQ"))
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -210,7 +213,12 @@ def main(argv: Optional[Sequence[str]] = None, log: Callable[[str], None] = prin
         for vocab, seq in sizes.items():
             raw = {}
             for method in args.methods:
-                raw[method] = run_child(args, method, vocab, seq)
+                if args.inprocess:
+                    raw[method] = measure(
+                        method, vocab, seq, args.steps, hidden=args.hidden, blocks=args.blocks
+                    )
+                else:
+                    raw[method] = run_child(args, method, vocab, seq)
                 log(f"  {args.label} vocab {vocab} seq {seq} {method}: {raw[method]}")
             measured.append(summarise(raw, vocab, seq))
         results = {"runs": {}}
