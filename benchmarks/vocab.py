@@ -8,12 +8,15 @@ batch 4; per vocabulary size the sequence length given with it. Run from the rep
     python benchmarks/vocab.py --from-json benchmarks/vocab.json         # table + plot only
     python benchmarks/vocab.py --smoke                                   # seconds: it runs
 
-Each (vocabulary, method) runs in a fresh subprocess, measured as ``compare.py`` measures
-memory: ``MALLOC_MMAP_THRESHOLD_`` fixed so that freed tensors go back to the system at once;
-after a warm-up step (AdamW's state), before each step the gradients are freed and the kernel's
-peak-RSS counter reset; the step's peak RSS above that baseline is its own memory. The worst of
-the steps is kept (RAPT's depends on its layer r), and the CPU time of each step
-(``time.process_time``, one torch thread).
+Each (vocabulary, method) is measured in two fresh subprocesses. Time: after a warm-up step
+(AdamW's state), the CPU time of each step (``time.process_time``, one torch thread), with the
+default allocator. Memory, as ``compare.py`` measures it: ``MALLOC_MMAP_THRESHOLD_=65536``, so
+that every tensor is mapped on allocation and unmapped when freed and the resident set follows
+the live tensors; before each step the gradients are freed and the kernel's peak-RSS counter
+reset; the step's peak RSS above that baseline is its own memory. The worst of the steps is
+kept (RAPT's depends on its layer r). Time is not measured in the memory process because
+there every large temporary costs fresh page faults, which the default allocator avoids by
+reusing freed memory.
 
 The headline figure is RAPT's *extra logits copies*: (peak of the method - peak of standard)
 divided by the size of one fp32 ``[batch, seq, vocab]`` logits tensor. ``--label`` names the
@@ -25,7 +28,6 @@ JSON file.
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import os
 import statistics
@@ -56,38 +58,45 @@ def logits_mib(vocab: int, seq: int, batch: int = BATCH) -> float:
     return batch * seq * vocab * 4 / 2**20
 
 
-def measure(method: str, vocab: int, seq: int, steps: int, *, hidden: int, blocks: int) -> dict:
-    """One method on one vocabulary size, in this process: per-step peak MiB and CPU seconds."""
+def measure(
+    method: str, vocab: int, seq: int, steps: int, *, hidden: int, blocks: int, what: str = "both"
+) -> dict:
+    """One method on one vocabulary size, in this process: per-step CPU seconds and peak MiB."""
     base = workloads.llama(vocab, hidden=hidden, blocks=blocks, heads=max(1, hidden // 32))
     inputs = workloads.lm_batch(vocab, BATCH, seq)
     trainee = workloads.Trainee(method, base, inputs)
     del base
     torch.manual_seed(0)  # RAPT draws its layers from the global RNG: the same in every run
-    trainee.step()
-    gc.collect()
-    peaks, seconds = [], []
-    for _ in range(steps):
-        trainee.optimizer.zero_grad(set_to_none=True)
-        with open("/proc/self/clear_refs", "w") as refs:
-            refs.write("5")  # reset the peak-RSS counter to the current RSS
-        baseline = compare._proc_status_mib("VmRSS")
-        start = time.process_time()
+    figures: dict[str, list[float]] = {}
+    if what in ("time", "both"):
         trainee.step()
-        seconds.append(time.process_time() - start)
-        peaks.append(compare._proc_status_mib("VmHWM") - baseline)
+        figures["seconds"] = []
+        for _ in range(steps):
+            start = time.process_time()
+            trainee.step()
+            figures["seconds"].append(time.process_time() - start)
+    if what in ("memory", "both"):
+        torch.manual_seed(0)
+        figures["peaks_mib"] = compare.peak_step_mib(trainee, steps)
     trainee.remove()
-    return {"peaks_mib": peaks, "seconds": seconds}
+    return figures
 
 
 def run_child(args: argparse.Namespace, method: str, vocab: int, seq: int) -> dict:
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "HF_HUB_OFFLINE": "1"}
-    cmd = [sys.executable, os.path.abspath(__file__), "--child", method, str(vocab), str(seq)]
-    cmd += ["--steps", str(args.steps), "--threads", str(args.threads)]
-    cmd += ["--hidden", str(args.hidden), "--blocks", str(args.blocks)]
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    if done.returncode != 0:
-        raise RuntimeError(f"{method} at vocabulary {vocab} failed:\n{done.stderr[-3000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    """Time in one fresh process (default allocator), memory in another (every tensor mapped)."""
+    figures = {}
+    for what, env in (
+        ("time", {**os.environ, "HF_HUB_OFFLINE": "1"}),
+        ("memory", {**os.environ, "HF_HUB_OFFLINE": "1", "MALLOC_MMAP_THRESHOLD_": "65536"}),
+    ):
+        cmd = [sys.executable, os.path.abspath(__file__), "--child", method, str(vocab), str(seq)]
+        cmd += ["--steps", str(args.steps), "--threads", str(args.threads), "--what", what]
+        cmd += ["--hidden", str(args.hidden), "--blocks", str(args.blocks)]
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise RuntimeError(f"{method} at vocabulary {vocab} failed:\n{done.stderr[-3000:]}")
+        figures.update(json.loads(done.stdout.strip().splitlines()[-1]))
+    return figures
 
 
 def summarise(raw: dict, vocab: int, seq: int) -> dict:
@@ -185,12 +194,19 @@ def main(argv: Optional[Sequence[str]] = None, log: Callable[[str], None] = prin
         "--inprocess", action="store_true", help="no subprocesses (one heap: less faithful)"
     )
     parser.add_argument("--child", nargs=3, metavar=("METHOD", "VOCAB", "SEQ"))
+    parser.add_argument("--what", choices=["time", "memory", "both"], default="both")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.child:
         method, vocab, seq = args.child
         figures = measure(
-            method, int(vocab), int(seq), args.steps, hidden=args.hidden, blocks=args.blocks
+            method,
+            int(vocab),
+            int(seq),
+            args.steps,
+            hidden=args.hidden,
+            blocks=args.blocks,
+            what=args.what,
         )
         print(json.dumps(figures))
         return figures
