@@ -153,12 +153,18 @@ def plot(results: dict, path: Path) -> None:
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     styles = {"before": "--", "after": "-"}
+    colours = {"rapt": "tab:blue", "smart": "tab:orange", "r3f": "tab:green"}
     for label, sizes in results["runs"].items():
         vocabs = [s["vocab"] for s in sizes]
         for method in [m for m in METHODS if m != "standard" and m in sizes[0]["methods"]]:
             copies = [s["methods"][method]["extra_copies"] for s in sizes]
             times = [s["methods"][method]["time_ratio"] for s in sizes]
-            kw = dict(ls=styles.get(label, ":"), marker="o", label=f"{method} ({label})")
+            kw = dict(
+                ls=styles.get(label, ":"),
+                color=colours[method],
+                marker="o",
+                label=f"{method} ({label})",
+            )
             axes[0].plot(vocabs, copies, **kw)
             axes[1].plot(vocabs, times, **kw)
     axes[0].axhline(GOAL_COPIES, color="red", lw=0.8, ls=":", label=f"RAPT goal ≤ {GOAL_COPIES}")

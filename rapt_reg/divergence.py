@@ -293,7 +293,10 @@ def reduce_divergence(
     float32 copy of the whole logits, and backward recomputes each chunk's softmaxes instead of
     keeping them. A chunk holds ``max(4 MiB / (4 * C), positions / 64)`` positions
     (:func:`chunk_rows`; ``chunk_positions`` overrides it). Values and gradients are the
-    formulas' (to rounding). Any other callable runs on the whole tensors as given.
+    formulas' (to rounding). Logits that cannot be viewed as ``[positions, C]`` (sliced along
+    the sequence, say) are copied once in their own dtype: to leave a position out, pass a mask
+    rather than a slice. Any other callable runs on the whole tensors as given (masked
+    positions zeroed).
 
     Args:
         per_position: A function ``(noisy, clean) -> [...]`` such as :func:`sym_kl`.
