@@ -22,7 +22,7 @@ def test_vocab_smoke(tmp_path):
     assert [s["vocab"] for s in sizes] == list(vocab.SMOKE_SIZES)
     for size in sizes:
         assert size["methods"]["standard"]["extra_copies"] == 0
-        assert size["methods"]["rapt"]["peak_mib"] > 0
+        assert size["methods"]["rapt"]["peak_mib"] >= 0  # in one heap a tiny step may reuse it
     assert "| rapt |" in "\n".join(lines)
 
 

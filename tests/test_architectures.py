@@ -103,8 +103,8 @@ def _run(
 
 def test_noise_reaches_the_output_at_every_layer(case: ModelCase) -> None:
     """Layers 0..depth, both call forms: penalty > 0 whose gradients are finite and (below the
-    last layer) reach the blocks; with dropout off, ``pair`` (which reuses the clean prefix) gives the same penalty
-    and gradients as ``reg``."""
+    last layer) reach the blocks; with dropout off, ``pair`` (which reuses the clean prefix)
+    gives the same penalty and gradients as ``reg``."""
     model, batch = case.build(), case.batch()
     block_params = {
         f"{name}.{p}"
