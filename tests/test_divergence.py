@@ -319,3 +319,15 @@ def test_custom_callable_with_a_mask_never_sees_nan_and_gets_whole_tensors():
 def test_bad_chunk_positions_are_refused(bad):
     with pytest.raises(ValueError, match="chunk_positions"):
         div.reduce_divergence(div.kl, torch.zeros(2, 3), torch.zeros(2, 3), chunk_positions=bad)
+
+
+def test_backward_keeps_only_the_logits_themselves():
+    noisy = torch.randn(4, 8, 100, requires_grad=True)
+    clean = torch.randn(4, 8, 100, requires_grad=True)
+    value = div.reduce_divergence(div.sym_kl, noisy, clean, torch.rand(4, 8) < 0.5)
+    node = value.grad_fn.next_functions[0][0]  # the chunked sum, before the division
+    saved = [t for t in node.saved_tensors if t is not None]
+    logits = [t for t in saved if t.is_floating_point()]
+    assert {t.data_ptr() for t in logits} == {noisy.data_ptr(), clean.data_ptr()}
+    others = [t for t in saved if not t.is_floating_point()]
+    assert len(saved) == 3 and [(t.dtype, t.numel()) for t in others] == [(torch.bool, 32)]
