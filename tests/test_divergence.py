@@ -104,3 +104,230 @@ def test_bad_mask_and_unknown_name_are_refused():
         div.reduce_divergence(div.kl, torch.zeros(2, 3), torch.zeros(2, 3), torch.ones(3))
     with pytest.raises(ValueError, match="unknown divergence 'kld'"):
         div.resolve("kld")
+
+
+# -- chunked values and gradients against the formulas written out ---------------------------
+
+
+def _ref_sym_kl(a, b):
+    lp, lq = F.log_softmax(a, -1), F.log_softmax(b, -1)
+    kl_q_p = (lq.detach().exp() * (lq.detach() - lp)).sum(-1)  # KL(sg(q) || p)
+    kl_p_q = (lp.detach().exp() * (lp.detach() - lq)).sum(-1)  # KL(sg(p) || q)
+    return kl_q_p + kl_p_q
+
+
+def _ref_kl(a, b):
+    lp, lq = F.log_softmax(a, -1), F.log_softmax(b, -1).detach()
+    return (lq.exp() * (lq - lp)).sum(-1)
+
+
+def _ref_js(a, b):
+    p, q = F.softmax(a, -1), F.softmax(b, -1)
+    m = (p + q) / 2
+    return 0.5 * ((p * (p.log() - m.log())).sum(-1) + (q * (q.log() - m.log())).sum(-1))
+
+
+def _ref_mse(a, b):
+    return ((a - b) ** 2).sum(-1)
+
+
+def _ref_sym_kl_both_sides(a, b):
+    p, q = F.softmax(a, -1), F.softmax(b, -1)
+    lp, lq = F.log_softmax(a, -1), F.log_softmax(b, -1)
+    return (q * (lq - lp)).sum(-1) + (p * (lp - lq)).sum(-1)
+
+
+def _ref_stable_kl(a, b):
+    p, q = F.softmax(a, -1), F.softmax(b.detach(), -1)
+    eps = 1e-6
+    rp = -torch.log(1 / (p.detach() + eps) - 1 + eps)
+    rq = -torch.log(1 / (q + eps) - 1 + eps)
+    return 2 * (p * (rp - rq)).sum(-1)
+
+
+REFERENCES = {
+    "sym_kl": (div.sym_kl, _ref_sym_kl),
+    "kl": (div.kl, _ref_kl),
+    "js": (div.js, _ref_js),
+    "mse": (div.mse, _ref_mse),
+    "sym_kl_both_sides": (div.sym_kl_both_sides, _ref_sym_kl_both_sides),
+    "stable_kl": (div.stable_kl, _ref_stable_kl),
+}
+TOLERANCE = {torch.float32: 1e-6, torch.float64: 1e-12}
+EPSILON_RATIO = {torch.float32: 1.0, torch.float64: 1e-8}  # about 5x eps(float64) / eps(float32)
+
+
+def _relative_error(ours, reference):
+    """max |ours - reference| over max |reference| (0 when both are exactly 0)."""
+    if ours is None or reference is None:
+        assert ours is None and reference is None, "one side has a gradient, the other none"
+        return 0.0
+    ours, reference = ours.double(), reference.double()
+    scale = reference.abs().max().item()
+    diff = (ours - reference).abs().max().item()
+    return diff / scale if scale > 0 else diff
+
+
+def _plain(reference_fn, a, b, mask):
+    """The formula on the kept positions (gathered), averaged; value and input gradients."""
+    noisy, clean = a.clone().requires_grad_(), b.clone().requires_grad_()
+    if mask is None:
+        value = reference_fn(noisy, clean).mean()
+    else:
+        keep = mask.bool()
+        values = reference_fn(noisy[keep], clean[keep])
+        value = values.mean() if values.numel() else values.sum()
+    grads = torch.autograd.grad(value, (noisy, clean), allow_unused=True)
+    return [value, *grads]
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    name=st.sampled_from(sorted(REFERENCES)),
+    dtype=st.sampled_from([torch.float32, torch.float64]),
+    leading=st.lists(st.integers(1, 6), min_size=1, max_size=3).map(tuple),
+    classes=st.integers(1, 40),
+    chunk=st.one_of(st.none(), st.integers(1, 9)),
+    masking=st.sampled_from(["none", "random", "all_false", "int"]),
+    seed=st.integers(0, 2**31),
+    scale=st.floats(0.3, 8),
+)
+def test_chunked_matches_the_plain_formula(
+    name, dtype, leading, classes, chunk, masking, seed, scale
+):
+    """Value and both gradients, every chunk size, with NaN wherever the mask is false.
+
+    Ours must agree with the plain formula in the same dtype to 1e-6 (float32) or 1e-12
+    (float64) relative, except where the plain formula is itself less accurate than that (JS
+    near saturation, stable_kl near p = 1 are ill-conditioned): there the bound is 4x the
+    plain formula's own rounding error (its float32 result against its float64 result, scaled
+    by the ratio of the machine epsilons for float64 inputs).
+    """
+    ours_fn, reference_fn = REFERENCES[name]
+    gen = torch.Generator().manual_seed(seed)
+    a, b = (torch.randn(*leading, classes, generator=gen) * scale for _ in range(2))
+    a, b = a.to(dtype), b.to(dtype)
+    mask = None
+    if masking != "none":
+        keep = torch.rand(leading, generator=gen) < 0.6
+        if masking == "all_false":
+            keep = torch.zeros(leading, dtype=torch.bool)
+        mask = keep.long() if masking == "int" else keep
+    reference = _plain(reference_fn, a, b, mask)
+    spread = max(
+        _relative_error(x32, x64)
+        for x32, x64 in zip(
+            _plain(reference_fn, a.float(), b.float(), mask),
+            _plain(reference_fn, a.double(), b.double(), mask),
+        )
+    )
+    bound = max(TOLERANCE[dtype], 4 * spread * EPSILON_RATIO[dtype])
+
+    noisy, clean = a.clone().requires_grad_(), b.clone().requires_grad_()
+    inputs = (noisy, clean)
+    if mask is not None:  # NaN wherever the mask is false: it must reach nothing
+        poison = torch.full_like(a, float("nan"))
+        inputs = tuple(torch.where(mask.bool()[..., None], x, poison) for x in inputs)
+    value = div.reduce_divergence(ours_fn, *inputs, mask, chunk_positions=chunk)
+    assert value.dtype == dtype
+    grads = torch.autograd.grad(value, (noisy, clean), allow_unused=True)
+    for what, got, want in zip(("value", "noisy grad", "clean grad"), (value, *grads), reference):
+        assert _relative_error(got, want) <= bound, what
+        assert got is None or torch.isfinite(got).all(), what
+
+
+def test_half_precision_logits_are_computed_in_float32_chunk_by_chunk():
+    """bf16 logits: float32 value and bf16 gradients equal to those of the float32 logits."""
+    a, b = torch.randn(6, 50), torch.randn(6, 50)
+    noisy, clean = (x.bfloat16().requires_grad_() for x in (a, b))
+    value = div.reduce_divergence(div.sym_kl, noisy, clean, chunk_positions=4)
+    value.backward()
+    noisy32, clean32 = (x.bfloat16().float().requires_grad_() for x in (a, b))
+    expected = div.reduce_divergence(div.sym_kl, noisy32, clean32, chunk_positions=6)
+    expected.backward()
+    assert value.dtype == torch.float32 and noisy.grad.dtype == torch.bfloat16
+    torch.testing.assert_close(value, expected)
+    torch.testing.assert_close(noisy.grad, noisy32.grad.bfloat16())
+    torch.testing.assert_close(clean.grad, clean32.grad.bfloat16())
+
+
+class _LargestFloat32(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the largest float32 tensor any operation returns."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor) and t.dtype == torch.float32:
+                self.largest = max(self.largest, t.numel())
+        return out
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("masked", [False, True], ids=["no_mask", "mask"])
+def test_no_float32_copy_of_the_whole_logits(name, masked):
+    """bf16 logits [4, 64, 1000]: no operation, forward or backward, makes a float32 tensor
+    larger than one chunk of 16 positions."""
+    noisy = torch.randn(4, 64, 1000, dtype=torch.bfloat16, requires_grad=True)
+    clean = torch.randn(4, 64, 1000, dtype=torch.bfloat16, requires_grad=True)
+    mask = torch.rand(4, 64) < 0.5 if masked else None
+    with _LargestFloat32() as seen:
+        value = div.reduce_divergence(div.resolve(name), noisy, clean, mask, chunk_positions=16)
+        value.backward()
+    assert 0 < seen.largest <= 16 * 1000
+    assert noisy.grad.dtype == torch.bfloat16
+
+
+def test_default_chunks_are_sized_by_bytes_and_bounded_in_number():
+    assert div.chunk_rows(1024, 32000) == 32  # 4 MiB of float32 rows
+    assert div.chunk_rows(16384, 128256) == 256  # 1/64 of the positions
+    assert div.chunk_rows(16, 2) == div.CHUNK_BYTES // 8  # small outputs: one chunk
+    assert div.chunk_rows(10, 10**9) == 1
+
+
+def test_all_false_mask_gives_zero_and_zero_gradients():
+    noisy = torch.full((2, 3, 5), float("nan"), requires_grad=True)
+    clean = torch.randn(2, 3, 5, requires_grad=True)
+    value = div.reduce_divergence(div.sym_kl, noisy, clean, torch.zeros(2, 3, dtype=torch.bool))
+    value.backward()
+    assert value.item() == 0.0
+    assert torch.equal(noisy.grad, torch.zeros_like(noisy))
+    assert torch.equal(clean.grad, torch.zeros_like(clean))
+
+
+def test_custom_callable_with_a_mask_never_sees_nan_and_gets_whole_tensors():
+    seen = []
+
+    def l1(noisy, clean):
+        seen.append(noisy.shape)
+        return (noisy - clean).abs().sum(-1)
+
+    noisy = torch.randn(2, 3, 4, requires_grad=True)
+    mask = torch.tensor([[True, True, False], [True, False, False]])
+    poisoned = torch.where(mask[..., None], noisy, float("nan"))
+    value = div.reduce_divergence(l1, poisoned, torch.zeros(2, 3, 4), mask)
+    value.backward()
+    assert seen == [(2, 3, 4)]
+    torch.testing.assert_close(value, noisy[mask].abs().sum(-1).mean())
+    assert torch.isfinite(noisy.grad).all() and (noisy.grad[~mask] == 0).all()
+
+
+@pytest.mark.parametrize("bad", [0, -1, 2.5, True])
+def test_bad_chunk_positions_are_refused(bad):
+    with pytest.raises(ValueError, match="chunk_positions"):
+        div.reduce_divergence(div.kl, torch.zeros(2, 3), torch.zeros(2, 3), chunk_positions=bad)
+
+
+def test_backward_keeps_only_the_logits_themselves():
+    noisy = torch.randn(4, 8, 100, requires_grad=True)
+    clean = torch.randn(4, 8, 100, requires_grad=True)
+    value = div.reduce_divergence(div.sym_kl, noisy, clean, torch.rand(4, 8) < 0.5)
+    node = value.grad_fn.next_functions[0][0]  # the chunked sum, before the division
+    saved = [t for t in node.saved_tensors if t is not None]
+    logits = [t for t in saved if t.is_floating_point()]
+    assert {t.data_ptr() for t in logits} == {noisy.data_ptr(), clean.data_ptr()}
+    others = [t for t in saved if not t.is_floating_point()]
+    assert len(saved) == 3 and [(t.dtype, t.numel()) for t in others] == [(torch.bool, 32)]
