@@ -73,7 +73,7 @@ class _Gate:
 
     def filter(self, grad: torch.Tensor) -> torch.Tensor:
         assert self.open is not None  # set right after the forward
-        return torch.where(self.open, grad, torch.zeros_like(grad))
+        return torch.where(self.open, grad, 0.0)
 
 
 class PerturbationRegularizer(abc.ABC):

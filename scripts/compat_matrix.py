@@ -33,6 +33,7 @@ TEST_FILES = [
     "tests/test_fsdp.py",
     "tests/test_checkpoint.py",
     "tests/test_pair.py",
+    "tests/test_causal_lm.py",
     "tests/test_integrations.py",
 ]
 PACKAGES = ["torch", "transformers", "peft", "accelerate", "lightning"]
@@ -111,6 +112,12 @@ STACKS = {
     "test_trainer_loss_is_the_task_loss_plus_the_penalty": "transformers Trainer",
     "test_trainer_evaluates_without_noise": "transformers Trainer",
     "test_with_rapt_subclasses_any_trainer": "transformers Trainer",
+    "test_causal_lm_noisy_pass_has_no_labels_and_noise_skips_padding": "transformers Trainer",
+    "test_seq2seq_noisy_pass_gets_decoder_inputs_from_the_labels": "transformers Trainer",
+    "test_sft_trainer_with_rapt": "TRL SFTTrainer",
+    "test_sft_trainer_with_lora_and_packing": "TRL SFTTrainer",
+    "test_sft_trainer_refuses_other_loss_types": "TRL SFTTrainer",
+    "test_lightning_rapt_pair_takes_the_masks_from_the_batch": "Lightning",
     "test_import_works_with_torch_alone": "Lazy imports",
     "test_import_loads_no_optional_framework": "Lazy imports",
 }
