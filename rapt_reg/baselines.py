@@ -145,6 +145,7 @@ class SmartRegularizer(PerturbationRegularizer):
         )
         self.stacks = self._find_stacks(blocks, prefer)
         self._seed = 0
+        self._seed_rng()
         self._hooks = self._install()
 
     def __call__(
@@ -418,6 +419,7 @@ class R3FRegularizer(PerturbationRegularizer):
         self._modules = [root.get_submodule(path) for path in self.embeddings]
         self._armed: Optional[_R3FPass] = None
         self._seed = 0
+        self._seed_rng()
         self._handles: Optional[list[Any]] = [
             m.register_forward_hook(self._hook) for m in dict.fromkeys(self._modules)
         ]

@@ -119,10 +119,8 @@ class PerturbationRegularizer(abc.ABC):
         self.divergence = div.resolve(divergence)
         self.nonfinite = nonfinite
         self.stacks: list[BlockStack] = []
-        # Layers and seeds come from a Python RNG seeded once, here, from the generator (or
-        # the global RNG): a step then draws without touching any tensor or the global RNG.
-        seed_source = torch.randint(0, 2**62, (), generator=generator)
-        self._rng = random.Random(int(seed_source))
+        self._generator = generator
+        self._rng = random.Random()  # seeded by _seed_rng(), once every argument is checked
         self._noise_generators: dict[torch.device, torch.Generator] = {}
         self._warned_eval = False
         self._last_noise_ratio: Optional[torch.Tensor] = None
@@ -237,6 +235,15 @@ class PerturbationRegularizer(abc.ABC):
         if batch_dim is not None:
             stacks = [s.with_batch_dim(batch_dim) for s in stacks]
         return stacks
+
+    def _seed_rng(self) -> None:
+        """Seed this regularizer's RNG: one draw from the generator (or the global RNG).
+
+        Layers and seeds then come from this Python RNG, so a step draws without touching any
+        tensor or the global RNG. Subclasses call it last, with the hooks, so that a refused
+        constructor draws nothing.
+        """
+        self._rng.seed(int(torch.randint(0, 2**62, (), generator=self._generator)))
 
     def _install(self) -> StackHooks:
         """Hook the blocks of ``self.stacks``: the constructor's last step, after every check."""
@@ -509,6 +516,7 @@ class RandomPerturbationRegularizer(PerturbationRegularizer):
         self._check_max_layer()
         self._warned_zero = False
         self.last_layer: Optional[int] = None
+        self._seed_rng()
         self._hooks = self._install()
 
     # -- public API ---------------------------------------------------------------------------

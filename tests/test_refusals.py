@@ -248,7 +248,7 @@ CONSTRUCTOR_CASES: dict[str, tuple[Callable[[], nn.Module], Callable[[nn.Module]
         _construct(RAPT, blocks="0"),
     ),
     "blocks single module": (_model, lambda m: RAPT(m, blocks=m.layers[0])),
-    "blocks foreign module": (_model, lambda m: RAPT(m, blocks=[nn.Linear(2, 2)])),
+    "blocks foreign module": (_model, _construct(RAPT, blocks=[nn.Linear(2, 2)])),
     "blocks empty list": (_model, _construct(RAPT, blocks=[])),
     "smart k negative": (_model, _construct(SmartRegularizer, k=-1)),
     "smart norm unknown": (_model, _construct(SmartRegularizer, norm="l1")),
@@ -418,9 +418,10 @@ def _run_traced(fn: Callable[[], Any]) -> None:
 def test_a_refused_constructor_leaves_the_model_as_it_was(case: str) -> None:
     make_model, construct = CONSTRUCTOR_CASES[case]
     model = make_model()
-    before = snapshot(model)
+    before, rng = snapshot(model), torch.get_rng_state()
     _run_traced(lambda: construct(model))
     assert_unchanged(model, before)
+    assert torch.equal(torch.get_rng_state(), rng)  # a refused constructor draws nothing
 
 
 @pytest.mark.parametrize("case", CALL_CASES, ids=list(CALL_CASES))
