@@ -20,6 +20,8 @@ lives as long as the noisy pass's autograd graph (:func:`carry`), not longer.
 
 Limit: a checkpoint called with ``preserve_rng_state=False`` does not restore the RNG state, so
 neither dropout nor the noise is replayed in its recomputation; do not combine it with RAPT.
+Nor may the forward itself re-seed the global RNG (``torch.manual_seed`` inside it): both
+passes would then share RNG states, and their recomputations could not be told apart.
 """
 
 from __future__ import annotations
