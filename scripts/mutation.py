@@ -1,0 +1,161 @@
+"""Mutation score of the core, per module, with mutmut.
+
+mutmut copies the package into ``mutants/``, makes small changes to it one at a time (a ``+``
+for a ``-``, ``None`` for an argument, a dropped call...) and runs the tests that cover the
+changed function; a mutant the tests do not notice *survives*. Which modules and tests: the
+``[tool.mutmut]`` table of pyproject.toml. The score of a module is
+
+    killed / (mutants - equivalent)
+
+where *killed* counts mutants a test failed on (or that hung past mutmut's timeout), and
+*equivalent* are survivors listed in ``scripts/mutation-equivalent.txt``, each with the reason
+no test can tell it from the original (e.g. a redundant check, a dtype the next line sets
+anyway). Every other survivor counts against the score.
+
+    pip install ".[test,mutation]"
+    python scripts/mutation.py                      # every core module (about an hour on 2 cores)
+    python scripts/mutation.py --modules replay     # one module (CI runs the two smallest)
+    python scripts/mutation.py --report             # only read the last run's results
+    python scripts/mutation.py --write-docs         # put the table into docs/guarantees.md
+
+It exits 1 when a module scores under ``--min-score`` (default 90) or an entry of the
+equivalent list no longer names a surviving mutant (a stale excuse).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import subprocess
+import sys
+import tomllib
+from collections import Counter
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+EQUIVALENT = ROOT / "scripts" / "mutation-equivalent.txt"
+DOCS = ROOT / "docs" / "guarantees.md"
+BEGIN, END = "<!-- mutation:begin -->", "<!-- mutation:end -->"
+# mutmut's exit codes (mutmut/stats.py): what counts as killed.
+KILLED = {1: "killed", 3: "killed", 36: "timeout", 24: "timeout", -24: "timeout", 37: "typed"}
+
+
+def core_modules() -> list[str]:
+    table = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["mutmut"]
+    return [Path(path).stem for path in table["only_mutate"]]
+
+
+def equivalent() -> dict[str, str]:
+    """``mutant name  reason`` per line; # starts a comment."""
+    found = {}
+    for line in EQUIVALENT.read_text().splitlines():
+        line = line.split("#", 1)[0].strip() if line.lstrip().startswith("#") else line.strip()
+        if line:
+            name, _, why = line.partition(" ")
+            found[name] = why.strip()
+    return found
+
+
+def results(module: str) -> dict[str, int | None]:
+    meta = ROOT / "mutants" / "rapt_reg" / f"{module}.py.meta"
+    if not meta.exists():
+        raise SystemExit(f"no results for {module}: run `python scripts/mutation.py` first")
+    return json.loads(meta.read_text())["exit_code_by_key"]
+
+
+def score(module: str, excuses: dict[str, str]) -> dict:
+    codes = results(module)
+    unchecked = [name for name, code in codes.items() if code is None]
+    if unchecked:
+        raise SystemExit(f"{module}: {len(unchecked)} mutants not run yet (e.g. {unchecked[0]})")
+    killed = sum(code in KILLED for code in codes.values())
+    survivors = sorted(name for name, code in codes.items() if code not in KILLED)
+    excused = [name for name in survivors if name in excuses]
+    counted = len(codes) - len(excused)
+    return {
+        "module": module,
+        "mutants": len(codes),
+        "killed": killed,
+        "equivalent": len(excused),
+        "survived": len(survivors) - len(excused),
+        "score": 100.0 * killed / counted if counted else 100.0,
+        "statuses": Counter("killed" if c in KILLED else f"exit {c}" for c in codes.values()),
+        "unexcused": [name for name in survivors if name not in excuses],
+    }
+
+
+def table(rows: list[dict]) -> str:
+    lines = [
+        "| Module | Mutants | Killed | Equivalent | Survived | Score |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for row in rows:
+        lines.append(
+            f"| `rapt_reg/{row['module']}.py` | {row['mutants']} | {row['killed']} | "
+            f"{row['equivalent']} | {row['survived']} | {row['score']:.1f}% |"
+        )
+    return "\n".join(lines)
+
+
+def write_docs(rows: list[dict]) -> None:
+    text = DOCS.read_text()
+    if BEGIN not in text or END not in text:
+        raise SystemExit(f"{DOCS} has no {BEGIN} ... {END} block")
+    mutmut = subprocess.run(
+        [sys.executable, "-m", "pip", "show", "mutmut"], capture_output=True, text=True
+    ).stdout
+    version = next((ln.split()[-1] for ln in mutmut.splitlines() if ln.startswith("Version")), "?")
+    block = (
+        f"{BEGIN}\nMeasured {datetime.date.today().isoformat()} with mutmut {version} "
+        "(`python scripts/mutation.py --write-docs`):\n\n"
+        f"{table(rows)}\n{END}"
+    )
+    head, rest = text.split(BEGIN, 1)
+    DOCS.write_text(head + block + rest.split(END, 1)[1])
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--modules", help="comma-separated, e.g. noise,replay (default: all)")
+    parser.add_argument("--report", action="store_true", help="read the last run, run nothing")
+    parser.add_argument("--write-docs", action="store_true", help="update docs/guarantees.md")
+    parser.add_argument("--min-score", type=float, default=90.0)
+    parser.add_argument("--max-children", type=int, default=2)
+    args = parser.parse_args()
+    modules = args.modules.split(",") if args.modules else core_modules()
+    unknown = sorted(set(modules) - set(core_modules()))
+    if unknown:
+        parser.error(f"not a mutated module: {unknown}; see [tool.mutmut] in pyproject.toml")
+
+    if not args.report:
+        names = [f"rapt_reg.{module}.*" for module in modules]
+        command = ["mutmut", "run", "--max-children", str(args.max_children), *names]
+        subprocess.run(command, cwd=ROOT, check=True)
+
+    excuses = equivalent()
+    rows = [score(module, excuses) for module in modules]
+    print(table(rows))
+    failed = False
+    for row in rows:
+        if row["score"] < args.min_score:
+            failed = True
+            print(f"\n{row['module']}: {row['score']:.1f}% < {args.min_score}%; survivors:")
+            print("\n".join(f"  mutmut show {name}" for name in row["unexcused"]))
+    all_codes = {name: code for module in modules for name, code in results(module).items()}
+    stale = [
+        name
+        for name in excuses
+        if name.split(".")[1] in modules and all_codes.get(name, 1) in KILLED
+    ]
+    if stale:
+        failed = True
+        print("\nequivalent-list entries that no longer name a survivor (remove them):")
+        print("\n".join(f"  {name}" for name in stale))
+    if args.write_docs:
+        write_docs(rows)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
