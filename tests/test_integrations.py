@@ -9,6 +9,7 @@ import sys
 import textwrap
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any, Optional
 
 import pytest
 import torch
@@ -238,19 +239,36 @@ class _Dataset(torch.utils.data.Dataset):
         return self.rows[index]
 
 
-def _trainer(tmp_path: Path, name: str, accumulation: int = 1, regularizer=None, **rapt):
+def _labels(name: str, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Class ids, or for the causal LM the tokens with the last two positions left out."""
+    if name == "llama":
+        return batch["input_ids"].masked_fill(torch.arange(8) >= 6, -100)
+    return torch.tensor([0, 1, 2, 0])
+
+
+def _trainer(
+    tmp_path: Path,
+    name: str,
+    accumulation: int = 1,
+    regularizer=None,
+    *,
+    dtype: torch.dtype = torch.float32,
+    args: Optional[dict[str, Any]] = None,
+    **kwargs: Any,
+):
+    """A RaptTrainer on a tiny model of ``CASES[name]`` and its 4-row batch.
+
+    ``args`` override the TrainingArguments; ``kwargs`` go to the Trainer (``rapt_kwargs``,
+    ``callbacks``, ``compute_loss_func``...).
+    """
     pytest.importorskip("transformers")
     from transformers import TrainingArguments
 
     from rapt_reg.integrations.transformers import RaptTrainer
 
     case = CASES[name]
-    model, batch = case.build(), case.batch()
-    if name == "llama":
-        labels = batch["input_ids"].masked_fill(torch.arange(8) >= 6, -100)
-    else:
-        labels = torch.tensor([0, 1, 2, 0])
-    args = TrainingArguments(
+    model, batch = case.build().to(dtype), case.batch()
+    settings: dict[str, Any] = dict(
         output_dir=str(tmp_path),
         use_cpu=True,
         report_to=[],
@@ -262,11 +280,16 @@ def _trainer(tmp_path: Path, name: str, accumulation: int = 1, regularizer=None,
         save_strategy="no",
         disable_tqdm=True,
     )
-    dataset = _Dataset(batch, labels)
+    settings.update(args or {})
+    dataset = _Dataset(batch, _labels(name, batch))
     if regularizer is not None:
-        rapt["rapt_regularizer"] = regularizer(model)
+        kwargs["rapt_regularizer"] = regularizer(model)
     trainer = RaptTrainer(
-        model=model, args=args, train_dataset=dataset, eval_dataset=dataset, **rapt
+        model=model,
+        args=TrainingArguments(**settings),
+        train_dataset=dataset,
+        eval_dataset=dataset,
+        **kwargs,
     )
     return trainer, dataset
 
@@ -331,3 +354,143 @@ def test_with_rapt_subclasses_any_trainer() -> None:
     assert cls.__name__ == "RaptSeq2SeqTrainer"
     with pytest.raises(rapt_reg.RaptRegError, match="Trainer subclass"):
         with_rapt(nn.Module)
+
+
+# -- the Trainer's promises, each against a written-out reference ------------------------------
+
+NO_CLIPPING = {"max_grad_norm": 0.0, "max_steps": 1}
+
+
+def _gradient_recorder() -> Any:
+    """A callback keeping the gradients the optimizer is about to use (after any clipping)."""
+    from transformers import TrainerCallback
+
+    class Recorder(TrainerCallback):
+        grads: dict[str, torch.Tensor] = {}
+
+        def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+            self.grads = {
+                n: p.grad.detach().clone()
+                for n, p in model.named_parameters()
+                if p.grad is not None
+            }
+
+    return Recorder()
+
+
+class _NoiseByExample:
+    """The regularizer's noise, drawn for real once and then replayed example by example.
+
+    RAPT draws a layer and a noise seed per call, so a run with 2 micro-batches and a run with
+    the whole batch at once would perturb each example differently and their gradients could
+    not be compared exactly. The layer is fixed by ``min_layer == max_layer``; the noise is
+    recorded per example (keyed by its ``input_ids``) while ``record`` is True and handed back
+    to the same example afterwards, whatever batch it lands in. The per-example scaling (inf
+    norm over each example's real tokens) makes each row's noise depend on that example only,
+    so the replayed noise is what the sampler would give had it drawn those rows.
+    """
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        import rapt_reg.regularizer
+
+        self.rows: dict[tuple[int, ...], torch.Tensor] = {}
+        self.record = True
+        self._ids: list[torch.Tensor] = []
+        self._sample = rapt_reg.regularizer.sample_noise
+        monkeypatch.setattr(rapt_reg.regularizer, "sample_noise", self.sample)
+
+    def watch(self, model: nn.Module) -> None:
+        model.register_forward_pre_hook(
+            lambda m, args, kwargs: self._ids.append(kwargs["input_ids"]), with_kwargs=True
+        )
+
+    def sample(self, shape: torch.Size, **kwargs: Any) -> torch.Tensor:
+        keys = [tuple(row.tolist()) for row in self._ids[-1]]
+        assert kwargs["batch_dim"] == 0 and shape[0] == len(keys)
+        if self.record:
+            noise = self._sample(shape, **kwargs)
+            self.rows.update(zip(keys, noise))
+            return noise
+        return torch.stack([self.rows[key] for key in keys])
+
+
+def _summed_cross_entropy(outputs: Any, labels: torch.Tensor, num_items_in_batch=None):
+    """A ``compute_loss_func`` normalised over the accumulated batch, as the Trainer expects."""
+    loss = torch.nn.functional.cross_entropy(outputs.logits, labels, reduction="sum")
+    return loss / num_items_in_batch
+
+
+def _one_step_grads(
+    tmp_path: Path, noise: _NoiseByExample, loss: str, accumulation: int, **args: Any
+) -> tuple[dict[str, torch.Tensor], Any]:
+    """The gradients of one optimizer step of a float64 RaptTrainer (dropout off)."""
+    recorder = _gradient_recorder()
+    kwargs: dict[str, Any] = {}
+    if loss == "compute-loss-func":
+        kwargs["compute_loss_func"] = _summed_cross_entropy
+    trainer, _ = _trainer(
+        tmp_path,
+        "llama" if loss == "model-loss" else "bert",
+        accumulation,
+        dtype=torch.float64,
+        args={**NO_CLIPPING, **args},
+        callbacks=[recorder],
+        rapt_kwargs={"min_layer": 2, "max_layer": 2},
+        **kwargs,
+    )
+    if loss == "trainer-divides":
+        # A model whose forward takes no loss kwargs: the Trainer divides the whole loss
+        # (task + penalty) by the accumulation steps itself, so the mixin must not.
+        trainer.model_accepts_loss_kwargs = False
+    noise.watch(trainer.model)
+    trainer.train()
+    assert trainer.state.global_step == 1
+    penalties = [e["rapt_penalty"] for e in trainer.state.log_history if "rapt_penalty" in e]
+    assert len(penalties) == 1 and penalties[0] > 0
+    return recorder.grads, trainer
+
+
+def _assert_same_grads(found: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
+    assert found.keys() == expected.keys()
+    scale = max(g.abs().max().item() for g in expected.values())
+    for name, grad in expected.items():
+        torch.testing.assert_close(found[name], grad, rtol=1e-9, atol=1e-12 * scale, msg=name)
+
+
+@pytest.mark.promise("trainer-grad-accumulation")
+@pytest.mark.parametrize("loss", ["model-loss", "trainer-divides", "compute-loss-func"])
+def test_trainer_accumulation_gives_the_gradients_of_the_whole_batch(
+    tmp_path: Path, accelerator_state: None, monkeypatch: pytest.MonkeyPatch, loss: str
+) -> None:
+    """2 micro-batches of 2 == 1 batch of 4, to float64 rounding, whoever scales the loss.
+
+    ``model-loss``: a causal LM normalising its loss over the accumulated batch's tokens (the
+    Trainer leaves it alone; the mixin divides the penalty by the steps); ``trainer-divides``:
+    the Trainer divides task loss and penalty; ``compute-loss-func``: a user loss normalised
+    over the accumulated batch (the mixin divides the penalty). Each micro-batch holds as
+    many trained positions, so the mean of the micro-batches' penalties is the whole batch's.
+    """
+    noise = _NoiseByExample(monkeypatch)
+    micro, _ = _one_step_grads(tmp_path, noise, loss, accumulation=2)
+    noise.record = False
+    whole, _ = _one_step_grads(tmp_path, noise, loss, accumulation=1)
+    _assert_same_grads(micro, whole)
+
+
+@pytest.mark.promise("grad-clipping-accumulation")
+def test_trainer_clips_the_accumulated_gradient(
+    tmp_path: Path, accelerator_state: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``max_grad_norm`` with accumulation: the whole batch's gradient, penalty included,
+    scaled to norm ``max_grad_norm`` (written out as torch's rule: ``c / (norm + 1e-6)``)."""
+    noise = _NoiseByExample(monkeypatch)
+    _one_step_grads(tmp_path, noise, "model-loss", accumulation=2)  # records the noise
+    noise.record = False
+    whole, _ = _one_step_grads(tmp_path, noise, "model-loss", accumulation=1)
+    norm = torch.cat([g.flatten() for g in whole.values()]).norm().item()
+    max_norm = norm / 3
+    clipped, _ = _one_step_grads(
+        tmp_path, noise, "model-loss", accumulation=2, max_grad_norm=max_norm
+    )
+    coefficient = max_norm / (norm + 1e-6)
+    _assert_same_grads(clipped, {n: g * coefficient for n, g in whole.items()})
