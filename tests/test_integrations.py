@@ -337,12 +337,46 @@ def test_trainer_loss_is_the_task_loss_plus_the_penalty(
     assert not torch.allclose(penalties[True], penalties[False])
 
 
-def test_trainer_evaluates_without_noise(tmp_path: Path, accelerator_state: None) -> None:
-    trainer, dataset = _trainer(tmp_path, "bert")
+def _hooked(reg: rapt_reg.RandomPerturbationRegularizer) -> bool:
+    return any(b._forward_hooks or b._forward_pre_hooks for b in reg.stack.blocks)
+
+
+def _assert_same_evaluation(found: tuple[Any, Any], expected: tuple[Any, Any]) -> None:
+    """``(evaluate(), predict())`` results: the same losses and predictions, bit for bit."""
+    assert found[0]["eval_loss"] == expected[0]["eval_loss"]
+    assert found[1].metrics["test_loss"] == expected[1].metrics["test_loss"]
+    assert (found[1].predictions == expected[1].predictions).all()
+
+
+@pytest.mark.promise("trainer-eval-no-noise")
+@pytest.mark.promise("predict-no-noise")
+@pytest.mark.parametrize("name", ["bert", "llama"])
+def test_trainer_evaluates_and_predicts_without_noise(
+    tmp_path: Path, accelerator_state: None, name: str
+) -> None:
+    """After a training step (the regularizer built, its hooks in place), ``evaluate()`` and
+    ``predict()`` give exactly what the same weights give in a plain ``Trainer``, and in this
+    one once the hooks are removed."""
+    trainer, dataset = _trainer(tmp_path, name, args={"max_steps": 1}, rapt_kwargs={"min_layer": 0})
+    trainer.train()
+    reg = trainer.rapt
+    assert reg is not None and reg.last_layer is not None and _hooked(reg)
+    found = trainer.evaluate(), trainer.predict(dataset)
+    assert _hooked(reg)  # still installed: evaluation ran with them
+
     from transformers import Trainer
 
-    plain = Trainer(model=trainer.model, args=trainer.args, eval_dataset=dataset)
-    assert trainer.evaluate()["eval_loss"] == plain.evaluate()["eval_loss"]
+    copy = CASES[name].build(seed=1)  # other weights, then the trained ones loaded
+    copy.load_state_dict(trainer.model.state_dict())
+    plain = Trainer(model=copy, args=trainer.args, eval_dataset=dataset)
+    _assert_same_evaluation(found, (plain.evaluate(), plain.predict(dataset)))
+    reg.remove()
+    _assert_same_evaluation(found, (trainer.evaluate(), trainer.predict(dataset)))
+    # The predictions are the logits of a plain eval-mode forward of the same weights.
+    inputs = {k: torch.stack([row[k] for row in dataset.rows]) for k in dataset.rows[0]}
+    with torch.no_grad():
+        direct = logits(copy.eval()(**inputs))
+    assert torch.equal(torch.as_tensor(found[1].predictions), direct)
 
 
 def test_with_rapt_subclasses_any_trainer() -> None:
