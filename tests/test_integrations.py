@@ -528,3 +528,105 @@ def test_trainer_clips_the_accumulated_gradient(
     )
     coefficient = max_norm / (norm + 1e-6)
     _assert_same_grads(clipped, {n: g * coefficient for n, g in whole.items()})
+
+
+def _hook_objects(model: nn.Module) -> dict[str, dict[str, dict[int, Any]]]:
+    """Every hook dict of every module, holding the hook objects themselves."""
+    return {
+        name: {
+            key: dict(value)
+            for key, value in vars(module).items()
+            if "hooks" in key and isinstance(value, dict)
+        }
+        for name, module in model.named_modules()
+    }
+
+
+def _same_hooks(found: dict, expected: dict) -> bool:
+    return found.keys() == expected.keys() and all(
+        found[m].keys() == expected[m].keys()
+        and all(
+            found[m][k].keys() == expected[m][k].keys()
+            and all(found[m][k][i] is hook for i, hook in expected[m][k].items())
+            for k in expected[m]
+        )
+        for m in expected
+    )
+
+
+@pytest.mark.promise("seq2seq-trainer")
+def test_with_rapt_seq2seq_trainer_trains_one_step(tmp_path: Path, accelerator_state: None) -> None:
+    """``with_rapt(Seq2SeqTrainer)`` on a tiny T5 (float64): the gradients of its step are
+    those of the task loss plus a penalty written out by hand (the same seeded regularizer,
+    the noisy pass fed ``decoder_input_ids`` shifted from the labels, -100 positions out,
+    padding without noise); the step changes the weights; ``remove()`` leaves no hook."""
+    transformers = pytest.importorskip("transformers")
+    import copy
+
+    from rapt_reg.integrations import with_rapt
+
+    case = CASES["t5"]
+    model = case.build().double()
+    reference = copy.deepcopy(model)
+    hooks = _hook_objects(model)
+    batch = {k: v for k, v in case.batch().items() if k != "decoder_input_ids"}
+    labels = torch.randint(1, 64, (4, 5), generator=torch.Generator().manual_seed(0))
+    labels[0, -2:] = -100
+    dataset = _Dataset(batch, labels)
+    recorder = _gradient_recorder()
+    args = transformers.Seq2SeqTrainingArguments(
+        output_dir=str(tmp_path),
+        use_cpu=True,
+        report_to=[],
+        max_steps=1,
+        per_device_train_batch_size=4,
+        learning_rate=1e-2,
+        logging_steps=1,
+        save_strategy="no",
+        disable_tqdm=True,
+        max_grad_norm=0.0,
+    )
+    rapt = {"min_layer": 0, "max_layer": 3}
+    trainer = with_rapt(transformers.Seq2SeqTrainer)(
+        model=model,
+        args=args,
+        train_dataset=dataset,
+        callbacks=[recorder],
+        rapt_kwargs={**rapt, "generator": torch.Generator().manual_seed(7)},
+    )
+    calls: list[dict[str, Any]] = []  # the batch as the Trainer fed it (shuffled)
+    seen = model.register_forward_pre_hook(
+        lambda m, args, kwargs: calls.append(dict(kwargs)), with_kwargs=True
+    )
+    trainer.train()
+    seen.remove()
+    logged = [e["rapt_penalty"] for e in trainer.state.log_history if "rapt_penalty" in e]
+    assert len(logged) == 1 and logged[0] > 0
+
+    inputs = {k: calls[0][k] for k in ("input_ids", "attention_mask", "labels")}
+    labels = inputs["labels"]
+    noisy_inputs = {k: v for k, v in inputs.items() if k != "labels"}
+    noisy_inputs["decoder_input_ids"] = reference._shift_right(labels)
+    with rapt_reg.RandomPerturbationRegularizer(
+        reference, **rapt, generator=torch.Generator().manual_seed(7)
+    ) as reg:
+        clean = reference(**inputs)
+        penalty = reg(
+            lambda: reference(**noisy_inputs),
+            clean,
+            mask=labels != -100,
+            noise_mask=inputs["attention_mask"].bool(),
+        )
+        (clean.loss + penalty).backward()
+    assert trainer.rapt.last_layer == reg.last_layer
+    torch.testing.assert_close(torch.tensor(logged[0], dtype=torch.float64), penalty.detach())
+    expected = {n: p.grad for n, p in reference.named_parameters() if p.grad is not None}
+    _assert_same_grads(recorder.grads, expected)
+
+    changed = [
+        n for n, p in model.named_parameters() if not torch.equal(p, reference.get_parameter(n))
+    ]
+    assert len(changed) > len(expected) // 2
+    assert not _same_hooks(_hook_objects(model), hooks)  # the regularizer's hooks are in
+    trainer.rapt.remove()
+    assert _same_hooks(_hook_objects(model), hooks)
