@@ -630,3 +630,162 @@ def test_with_rapt_seq2seq_trainer_trains_one_step(tmp_path: Path, accelerator_s
     assert not _same_hooks(_hook_objects(model), hooks)  # the regularizer's hooks are in
     trainer.rapt.remove()
     assert _same_hooks(_hook_objects(model), hooks)
+
+
+def _seeded(min_layer: int, max_layer: int, seed: int = 3) -> Any:
+    """``model -> regularizer`` drawing the same layers and noise every time it is called."""
+
+    def build(model: nn.Module) -> rapt_reg.RandomPerturbationRegularizer:
+        return rapt_reg.RandomPerturbationRegularizer(
+            model,
+            min_layer=min_layer,
+            max_layer=max_layer,
+            generator=torch.Generator().manual_seed(seed),
+        )
+
+    return build
+
+
+def _squared_error_loss(outputs: Any, labels: torch.Tensor, num_items_in_batch=None):
+    """A ``compute_loss_func``: squared error of the logits to one-hot labels."""
+    one_hot = torch.nn.functional.one_hot(labels, outputs.logits.shape[-1])
+    return (outputs.logits - one_hot).square().mean()
+
+
+@pytest.mark.parametrize(
+    "loss",
+    [
+        pytest.param("label-smoothing", marks=pytest.mark.promise("trainer-label-smoothing")),
+        pytest.param("compute-loss-func", marks=pytest.mark.promise("compute-loss-func")),
+    ],
+)
+def test_trainer_clean_pass_is_the_parents_loss(
+    tmp_path: Path, accelerator_state: None, loss: str
+) -> None:
+    """The clean pass is the parent's ``compute_loss``: with ``label_smoothing_factor`` or a
+    ``compute_loss_func`` the loss is that loss (written out here) plus the penalty."""
+    regularizer = _seeded(0, 3)
+    if loss == "label-smoothing":
+        trainer, dataset = _trainer(
+            tmp_path, "bert", regularizer=regularizer, args={"label_smoothing_factor": 0.2}
+        )
+    else:
+        trainer, dataset = _trainer(
+            tmp_path, "bert", regularizer=regularizer, compute_loss_func=_squared_error_loss
+        )
+    model = trainer.model.train()
+    inputs = trainer.data_collator([dataset[i] for i in range(4)])
+    found = trainer.compute_loss(model, dict(inputs))
+    trainer.rapt.remove()
+
+    labels = inputs["labels"]
+    features = {k: v for k, v in inputs.items() if k != "labels"}
+    clean = model(**features)
+    plain = torch.nn.functional.cross_entropy(clean.logits, labels)
+    if loss == "label-smoothing":  # (1 - e) * NLL + e * mean over classes of -log p
+        log_p = clean.logits.log_softmax(-1)
+        nll = -log_p.gather(1, labels[:, None]).mean()
+        task = 0.8 * nll + 0.2 * (-log_p.mean(-1)).mean()
+    else:
+        one_hot = torch.nn.functional.one_hot(labels, 3)
+        task = (clean.logits - one_hot).square().mean()
+    assert not torch.allclose(task, plain)
+    with regularizer(model) as check:  # the same layer and noise as the Trainer's
+        penalty = check(
+            lambda: model(**features), clean, noise_mask=inputs["attention_mask"].bool()
+        )
+    assert penalty > 0
+    torch.testing.assert_close(found, task + penalty)
+
+
+@pytest.mark.promise("padding-excluded")
+def test_trainer_penalty_leaves_out_untrained_positions_and_padding_gets_no_noise(
+    tmp_path: Path, accelerator_state: None
+) -> None:
+    """Causal LM with a prompt (-100) and right padding (attention 0, -100): the penalty is the
+    symmetric KL written out by hand, averaged over the positions whose *next* label is
+    trained (not over the attention mask's), and the padding's hidden states get no noise."""
+    trainer, _ = _trainer(tmp_path, "llama", regularizer=_seeded(0, 0))
+    model = trainer.model.train()
+    ids = CASES["llama"].batch()["input_ids"]
+    attention = torch.ones_like(ids)
+    attention[1, -3:] = 0
+    attention[2, -1:] = 0
+    labels = ids.masked_fill(attention == 0, -100)
+    labels[:, :3] = -100  # the prompt
+    batch = {"input_ids": ids, "attention_mask": attention, "labels": labels}
+    outputs: list[torch.Tensor] = []
+    model.register_forward_hook(lambda m, args, out: outputs.append(out.logits))
+    first_block: list[torch.Tensor] = []  # the hidden states entering it, noise included
+    trainer.rapt.stack.blocks[0].register_forward_pre_hook(
+        lambda m, args, kwargs: first_block.append(
+            (args[0] if args else kwargs["hidden_states"]).detach()
+        ),
+        with_kwargs=True,
+    )
+    loss = trainer.compute_loss(model, dict(batch))
+
+    clean, noisy = outputs
+    counted = torch.zeros_like(attention, dtype=torch.bool)
+    counted[:, :-1] = labels[:, 1:] != -100
+    log_p, log_q = noisy.log_softmax(-1), clean.log_softmax(-1)
+    sym_kl = ((log_p.exp() - log_q.exp()) * (log_p - log_q)).sum(-1)
+    task = torch.nn.functional.cross_entropy(
+        clean[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100
+    )
+    torch.testing.assert_close(loss, task + sym_kl[counted].mean())
+    assert not torch.allclose(sym_kl[attention.bool()].mean(), sym_kl[counted].mean())
+    delta = first_block[1] - first_block[0]
+    assert bool((delta[attention == 0] == 0).all()) and bool((delta[attention == 1] != 0).all())
+
+
+@pytest.mark.promise("model-init")
+def test_trainer_with_model_init_builds_the_regularizer_on_each_model(
+    tmp_path: Path, accelerator_state: None
+) -> None:
+    """``model_init``: the regularizer is built on the model the Trainer made, at its first
+    training step; a new ``train()`` makes a new model, and the regularizer follows it,
+    taking its hooks off the old one."""
+    from transformers import TrainingArguments
+
+    from rapt_reg.integrations.transformers import RaptTrainer
+
+    case = CASES["bert"]
+    models: list[nn.Module] = []
+    pristine: list[dict] = []
+
+    def model_init() -> nn.Module:
+        models.append(case.build(seed=len(models)))
+        pristine.append(_hook_objects(models[-1]))
+        return models[-1]
+
+    batch = case.batch()
+    args = TrainingArguments(
+        output_dir=str(tmp_path),
+        use_cpu=True,
+        report_to=[],
+        max_steps=1,
+        per_device_train_batch_size=4,
+        logging_steps=1,
+        save_strategy="no",
+        disable_tqdm=True,
+    )
+    trainer = RaptTrainer(
+        model_init=model_init,
+        args=args,
+        train_dataset=_Dataset(batch, _labels("bert", batch)),
+        rapt_kwargs={"min_layer": 0},
+    )
+    regularizers = []
+    for _ in range(2):
+        trainer.train()
+        reg = trainer.rapt
+        assert reg is not None and reg.model is models[-1] and trainer.model is models[-1]
+        assert set(reg.stack.blocks) <= set(models[-1].modules()) and _hooked(reg)
+        logged = [e for e in trainer.state.log_history if "rapt_penalty" in e]
+        assert logged[-1]["rapt_penalty"] > 0
+        regularizers.append(reg)
+    assert len(models) == 3 and regularizers[0] is not regularizers[1]
+    assert _same_hooks(_hook_objects(models[1]), pristine[1])  # the old model: hooks gone
+    regularizers[1].remove()
+    assert _same_hooks(_hook_objects(models[2]), pristine[2])
