@@ -71,8 +71,9 @@ ARCHITECTURE_NOTES = {
     "`pair` gives the same penalty and gradients as `reg`",
     "training steps": "three AdamW steps with the penalty: finite loss, parameters updated",
     "model as before": "train- and eval-mode outputs bitwise equal before construction, after "
-    "penalty calls and after `remove()`; every module's hooks, attributes and `state_dict` "
-    "exactly as before",
+    "penalty calls and after `remove()`; after `remove()` every module, attribute and hook "
+    "object (by identity), parameter (identity, `requires_grad`), training flag, buffer and "
+    "`state_dict` value exactly as before",
     "eval mode": "in eval mode the penalty is 0 with a warning and the output is unchanged",
     "HF checkpointing": "`gradient_checkpointing_enable()` (non-reentrant), dropout on, "
     "same seeds: the same penalties and gradients as without checkpointing",
@@ -110,8 +111,17 @@ STACKS = {
     "test_lightning_mixin_outside_a_module_is_refused": "Lightning",
     "test_trainer_trains_and_logs_the_penalty": "transformers Trainer",
     "test_trainer_loss_is_the_task_loss_plus_the_penalty": "transformers Trainer",
-    "test_trainer_evaluates_without_noise": "transformers Trainer",
+    "test_trainer_evaluates_and_predicts_without_noise": "transformers Trainer",
+    "test_trainer_accumulation_gives_the_gradients_of_the_whole_batch": "transformers Trainer",
+    "test_trainer_clips_the_accumulated_gradient": "transformers Trainer",
+    "test_trainer_clean_pass_is_the_parents_loss": "transformers Trainer",
+    "test_trainer_penalty_leaves_out_untrained_positions_and_padding_gets_no_noise": (
+        "transformers Trainer"
+    ),
+    "test_trainer_with_model_init_builds_the_regularizer_on_each_model": "transformers Trainer",
+    "test_trainer_with_torch_compile_gets_the_noise": "transformers Trainer",
     "test_with_rapt_subclasses_any_trainer": "transformers Trainer",
+    "test_with_rapt_seq2seq_trainer_trains_one_step": "transformers Trainer",
     "test_causal_lm_noisy_pass_has_no_labels_and_noise_skips_padding": "transformers Trainer",
     "test_seq2seq_noisy_pass_gets_decoder_inputs_from_the_labels": "transformers Trainer",
     "test_sft_trainer_with_rapt": "TRL SFTTrainer",

@@ -8,6 +8,7 @@ positive penalty can only come from the noise and outputs can be compared bit fo
 from __future__ import annotations
 
 import warnings
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import pytest
@@ -31,18 +32,84 @@ def case(request: pytest.FixtureRequest) -> ModelCase:
     return found
 
 
-def _hook_snapshot(model: nn.Module) -> dict[str, Any]:
-    """Every hook dict (and every attribute name) of every module, as comparable values."""
-    snapshot: dict[str, Any] = {}
-    for name, module in model.named_modules():
-        attributes = vars(module)
-        hooks = {
-            key: [(k, id(v)) for k, v in value.items()]
-            for key, value in attributes.items()
-            if "hooks" in key and isinstance(value, dict)
+def _contents(value: Any) -> Any:
+    """A container's entries as they are now (the objects themselves), or None."""
+    if isinstance(value, dict):
+        return dict(value)
+    if isinstance(value, (set, list)):
+        return list(value)
+    return None
+
+
+@dataclass
+class _Snapshot:
+    """What :meth:`remove` must give back, objects kept (not names, ids or counts).
+
+    Per module: the module object, every attribute's value (the object itself) and, for the
+    containers among them (``_forward_hooks``, ``_forward_pre_hooks`` and every other hook
+    dict, ``_parameters``, ``_buffers``, ``_modules``...), their entries; its training flag.
+    Per parameter: the object and ``requires_grad``. Every buffer's and state_dict entry's
+    value (non-persistent buffers are not in the state_dict), and torch's global module hooks.
+    """
+
+    modules: dict[str, tuple[nn.Module, dict[str, Any], dict[str, Any], bool]]
+    parameters: dict[str, tuple[nn.Parameter, bool]]
+    values: dict[str, torch.Tensor]
+    global_hooks: dict[str, dict[Any, Any]]
+
+    @classmethod
+    def of(cls, model: nn.Module) -> _Snapshot:
+        modules = {}
+        for name, module in model.named_modules(remove_duplicate=False):
+            attributes = dict(vars(module))
+            contents = {k: c for k, v in attributes.items() if (c := _contents(v)) is not None}
+            modules[name] = (module, attributes, contents, module.training)
+        parameters = {
+            n: (p, p.requires_grad) for n, p in model.named_parameters(remove_duplicate=False)
         }
-        snapshot[name] = (sorted(attributes), hooks)
-    return snapshot
+        values = {f"state:{k}": v.detach().clone() for k, v in model.state_dict().items()}
+        values.update(
+            (f"buffer:{n}", b.detach().clone())
+            for n, b in model.named_buffers(remove_duplicate=False)
+        )
+        global_hooks = {
+            name: dict(value)
+            for name, value in vars(torch.nn.modules.module).items()
+            if name.startswith("_global_") and isinstance(value, dict)
+        }
+        return cls(modules, parameters, values, global_hooks)
+
+    def assert_same(self, model: nn.Module, when: str) -> None:
+        now = _Snapshot.of(model)
+        assert now.modules.keys() == self.modules.keys(), f"modules renamed {when}"
+        for name, (module, attributes, contents, training) in self.modules.items():
+            found, found_attributes, found_contents, found_training = now.modules[name]
+            where = f"module {name!r} {when}"
+            assert found is module, f"{where}: replaced"
+            assert found_training == training, f"{where}: training flag changed"
+            assert found_attributes.keys() == attributes.keys(), f"{where}: attributes changed"
+            for key, value in attributes.items():
+                assert found_attributes[key] is value, f"{where}: {key} replaced"
+            assert found_contents.keys() == contents.keys()
+            for key, entries in contents.items():
+                _assert_same_entries(found_contents[key], entries, f"{where}: {key}")
+        assert now.parameters.keys() == self.parameters.keys(), f"parameters changed {when}"
+        for name, (parameter, requires_grad) in self.parameters.items():
+            assert now.parameters[name][0] is parameter, f"parameter {name} replaced {when}"
+            assert now.parameters[name][1] == requires_grad, f"{name}.requires_grad {when}"
+        assert now.values.keys() == self.values.keys(), f"state_dict or buffers changed {when}"
+        for key, value in self.values.items():
+            assert torch.equal(now.values[key], value), f"{key} changed {when}"
+        for key, entries in self.global_hooks.items():
+            _assert_same_entries(now.global_hooks[key], entries, f"torch's {key} {when}")
+
+
+def _assert_same_entries(found: Any, expected: Any, where: str) -> None:
+    if isinstance(expected, dict):
+        assert found.keys() == expected.keys(), f"{where}: keys {found.keys()} != {expected.keys()}"
+        expected, found = list(expected.values()), list(found.values())
+    assert len(found) == len(expected), f"{where}: {len(found)} entries, was {len(expected)}"
+    assert all(a is b for a, b in zip(found, expected)), f"{where}: an entry was replaced"
 
 
 def _clean_outputs(model: nn.Module, batch: dict[str, torch.Tensor]) -> list[torch.Tensor]:
@@ -150,11 +217,14 @@ def test_training_steps_update_the_model(case: ModelCase) -> None:
     assert sum(not torch.equal(before[n], p) for n, p in after.items()) > len(after) // 2
 
 
+@pytest.mark.promise("model-unaltered")
 def test_model_is_exactly_as_before(case: ModelCase) -> None:
+    """Outputs bitwise equal before, during and after; after ``remove()`` every module,
+    attribute, hook, parameter (``requires_grad``), training flag, buffer and state_dict value
+    is what it was, compared by identity and value (:class:`_Snapshot`)."""
     model, batch = case.build(), case.batch()
-    hooks = _hook_snapshot(model)
-    state = {k: v.clone() for k, v in model.state_dict().items()}
-    outputs = _clean_outputs(model, batch)
+    outputs = _clean_outputs(model, batch)  # a plain forward first: what it sets up is not ours
+    before = _Snapshot.of(model)
 
     reg = rapt_reg.RandomPerturbationRegularizer(model, min_layer=0, max_layer=case.depth)
     _assert_same(outputs, _clean_outputs(model, batch), "once the regularizer was built")
@@ -165,12 +235,8 @@ def test_model_is_exactly_as_before(case: ModelCase) -> None:
     assert penalty > 0
     _assert_same(outputs, _clean_outputs(model, batch), "after penalty calls")
     reg.remove()
+    before.assert_same(model, "after construct, steps and remove()")  # before any other call
     _assert_same(outputs, _clean_outputs(model, batch), "after remove()")
-
-    assert _hook_snapshot(model) == hooks
-    after = model.state_dict()
-    assert after.keys() == state.keys()
-    assert all(torch.equal(after[k], v) for k, v in state.items())
 
 
 def test_eval_mode_gives_zero_and_leaves_outputs_alone(case: ModelCase) -> None:
