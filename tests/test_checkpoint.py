@@ -11,6 +11,7 @@ every region plain. float64 gradients must agree to 1e-9, and no case is refused
 from __future__ import annotations
 
 import functools
+import os
 
 import pytest
 import torch
@@ -96,7 +97,12 @@ def _step(model: Stacked, regions, layer: int, form: str, feed: str, ids: torch.
     return penalty.detach(), grads
 
 
-@settings(max_examples=300, deadline=None, derandomize=True)
+# scripts/mutation.py screens mutants with a tenth of the cases (RAPT_REG_MUTATION=1), then
+# re-runs every survivor with all 300.
+CASES = 30 if os.environ.get("RAPT_REG_MUTATION") == "1" else 300
+
+
+@settings(max_examples=CASES, deadline=None, derandomize=True)
 @given(
     layout=layouts(),
     data=st.data(),
@@ -128,7 +134,7 @@ def test_at_least_300_layouts_were_generated(record_property):
         pytest.skip("the generated-layout test did not run in this session")
     record_property("cases", f"{TALLY['cases']} generated, {TALLY['exact']} exact, 0 refused")
     print(f"rapt-reg checkpoint layouts: {TALLY['cases']} generated, {TALLY['exact']} exact")
-    assert TALLY["cases"] >= 300 and TALLY["exact"] == TALLY["cases"]
+    assert TALLY["cases"] >= CASES and TALLY["exact"] == TALLY["cases"]
 
 
 class Sequential(nn.Module):
