@@ -96,6 +96,7 @@ def _step(model: Stacked, regions, layer: int, form: str, feed: str, ids: torch.
     return penalty.detach(), grads
 
 
+@pytest.mark.promise("checkpoint-exact")
 @settings(max_examples=300, deadline=None, derandomize=True)
 @given(
     layout=layouts(),
@@ -152,6 +153,7 @@ class Sequential(nn.Module):
         return self.head(h.mean(1))
 
 
+@pytest.mark.promise("checkpoint-exact")
 @pytest.mark.parametrize("reentrant", [False, True], ids=["non_reentrant", "reentrant"])
 @pytest.mark.parametrize("segments", [1, 2, 4])
 @pytest.mark.parametrize("form", ["pair", "call"])

@@ -4,6 +4,8 @@ import difflib
 import importlib.util
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 UPDATE = "python scripts/api_snapshot.py --update"
 
@@ -15,6 +17,7 @@ def _api_snapshot():
     return module
 
 
+@pytest.mark.promise("public-api")
 def test_public_api_matches_the_snapshot():
     api_snapshot = _api_snapshot()
     expected = api_snapshot.SNAPSHOT.read_text()
@@ -30,6 +33,7 @@ def test_public_api_matches_the_snapshot():
     )
 
 
+@pytest.mark.promise("baselines", "public-api")
 def test_snapshot_covers_the_integrations_and_baselines():
     text = _api_snapshot().SNAPSHOT.read_text()
     for name in ("RandomPerturbationRegularizer", "SmartRegularizer", "R3FRegularizer"):

@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
 
@@ -22,6 +24,7 @@ def test_raw_loop_example_trains(tmp_path):
     assert "rapt/layer" in result.stdout
 
 
+@pytest.mark.promise("readme-test-command")
 def test_ci_runs_the_readme_test_command():
     commands = re.findall(r"```bash\n(.*?)\n```", README, re.S)
     test_command = commands[1]
