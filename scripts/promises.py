@@ -202,7 +202,7 @@ def read_page(page: str, root: Path = ROOT) -> list[Sentence]:
                 ids += [i.strip() for i in body.split(",") if i.strip()]
             else:
                 opted_out = True
-        bare = TAG.sub("", unit).strip()
+        bare = re.sub(r"\s+", " ", TAG.sub("", unit)).strip()
         if bare:
             sentences.append(Sentence(page, line, bare, section, ids, opted_out))
     return sentences

@@ -189,7 +189,7 @@ def _plain(reference_fn, a, b, mask):
     return [value, *grads]
 
 
-@pytest.mark.promise("chunked-divergence")
+@pytest.mark.promise("chunked-divergence", "divergences")
 @settings(max_examples=150, deadline=None, derandomize=True)
 @given(
     name=st.sampled_from(sorted(REFERENCES)),

@@ -2,6 +2,10 @@
 does what it says on small made-up pages and tests."""
 
 import importlib.util
+import json
+import os
+import subprocess
+import sys
 import textwrap
 from pathlib import Path
 
@@ -10,6 +14,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 _spec = importlib.util.spec_from_file_location("promises", ROOT / "scripts" / "promises.py")
 promises = importlib.util.module_from_spec(_spec)
+sys.modules["promises"] = promises  # dataclasses look their module up
 _spec.loader.exec_module(promises)
 
 
@@ -61,6 +66,41 @@ def test_the_checkers_run_in_ci():
     ci = (ROOT / ".ci" / "run").read_text()
     for checker in promises.CHECKERS:
         assert f"python {checker}" in ci
+
+
+_COLLECTOR = """
+import json, os
+
+def pytest_collection_modifyitems(session, config, items):
+    found = {}
+    for item in items:
+        ids = [i for mark in item.iter_markers("promise") for i in mark.args]
+        if ids:
+            found.setdefault(item.nodeid.split("[")[0], set()).update(ids)
+    with open(os.environ["PROMISES_OUT"], "w") as out:
+        json.dump({test: sorted(ids) for test, ids in found.items()}, out)
+"""
+
+
+@pytest.mark.slow
+def test_the_marks_read_from_the_source_are_those_pytest_collects(tmp_path):
+    """The script reads marks with ast (fast, imports nothing); pytest's own collection of the
+    whole suite must find the same tests with the same ids."""
+    (tmp_path / "promise_collector.py").write_text(_COLLECTOR)
+    env = dict(os.environ, PROMISES_OUT=str(tmp_path / "found.json"))
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(tmp_path), env.get("PYTHONPATH")]))
+    subprocess.run(
+        [sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider"]
+        + ["-p", "promise_collector", *promises.TEST_DIRS],
+        cwd=ROOT,
+        env=env,
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
+    collected = json.loads((tmp_path / "found.json").read_text())
+    read = {c.test: sorted(set(c.ids)) for c in promises._test_claims_in(ROOT)}
+    assert collected == read
 
 
 # -- the reader, on made-up pages and tests ------------------------------------------------------
@@ -195,4 +235,4 @@ def test_problems_name_unclaimed_and_stale_ids():
     ]
     table = promises.render(sentences, claims)
     assert "**0 of 1 promise sentences are checked by a named test**" in table
-    assert "| It is exact. | p.md:1 | `made` | **none** |" in table
+    assert "| It is exact. | p.md | `made` | **none** |" in table
