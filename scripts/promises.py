@@ -139,7 +139,9 @@ def _visible_lines(page: str, text: str) -> list[tuple[int, str]]:
 
 
 _ABBREVIATIONS = ("e.g.", "i.e.", "etc.", "vs.", "Eq.", "Alg.", "et al.", "No.")
-_SPLIT = re.compile(r"(?<=[.!?])\s+(?=[A-Z`*(\[<\\\"])|(?<=[.!?]\))\s+(?=[A-Z`*(\[<])")
+# A sentence ends at . ! or ? (maybe closing a parenthesis or bold) before a space and a capital,
+# a code span, a parenthesis, bold, a link, a tag or inline math.
+_SPLIT = re.compile(r"(?:(?<=[.!?])|(?<=[.!?]\))|(?<=[.!?]\*\*))\s+(?=[A-Z`*(\[<\\\"])")
 
 
 def _split_sentences(text: str) -> list[str]:
