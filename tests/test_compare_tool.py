@@ -163,7 +163,7 @@ def test_methods_of_a_seed_share_weights_and_batches(tiny, tmp_path):
     assert alone[0].accuracy == runs[0].accuracy
 
 
-@pytest.mark.promise("compare-resume")
+@pytest.mark.promise("compare-resume", "compare-seeds")
 def test_rerun_resumes_and_a_changed_configuration_starts_afresh(tiny, tmp_path, capsys):
     out = tmp_path / "out"
     assert cli.main(_args(tiny, out, "--seeds", "2")) == 0

@@ -174,7 +174,7 @@ def test_perturb_text_rejects_bad_arguments():
 # --------------------------------------------------------------------------- command line
 
 
-@pytest.mark.promise("demo-is-compare-preset")
+@pytest.mark.promise("demo-is-compare-preset", "compare-seeds")
 def test_quick_fills_only_sizes_not_given():
     config = demo.parse_args(["--quick", "--steps", "3", "--seed", "4", "--smart"])
     assert config.steps == 3

@@ -39,7 +39,7 @@ def _python(code: str) -> subprocess.CompletedProcess:
 # -- lazy imports -----------------------------------------------------------------------------
 
 
-@pytest.mark.promise("core-without-numpy")
+@pytest.mark.promise("core-without-numpy", "lazy-imports")
 def test_import_works_with_torch_alone() -> None:
     """Every optional framework blocked: rapt_reg, its integrations package and the Lightning
     mixin import and work; the Trainer helper says what to install."""
@@ -68,6 +68,7 @@ def test_import_works_with_torch_alone() -> None:
     assert result.stdout.strip() == "ok"
 
 
+@pytest.mark.promise("lazy-imports")
 def test_import_loads_no_optional_framework() -> None:
     result = _python(
         f"""

@@ -44,6 +44,7 @@ def test_sigma_cancels_under_a_norm(shape, eta, sigma, seed):
     torch.testing.assert_close(draw(sigma), draw(1.0), rtol=1e-5, atol=0)
 
 
+@pytest.mark.promise("per-token")
 @settings(max_examples=30, deadline=None)
 @given(shape=shapes, eta=etas, seed=st.integers(0, 2**31))
 def test_per_token_scales_each_position(shape, eta, seed):
@@ -224,7 +225,7 @@ def test_noise_on_real_tokens_does_not_depend_on_padding(length, pads, norm, per
     torch.testing.assert_close(outputs[0], unpadded, rtol=1e-6, atol=0)
 
 
-@pytest.mark.promise("noise-mask")
+@pytest.mark.promise("noise-mask", "per-token")
 @settings(max_examples=40, deadline=None)
 @given(case=token_batches(), eta=etas, seed=st.integers(0, 2**31))
 def test_per_token_with_a_mask_zeroes_padding(case, eta, seed):

@@ -313,7 +313,21 @@ def test_model_is_unaltered_and_hooks_go_with_remove():
         reg(lambda: model(ids), expected)
 
 
-@pytest.mark.promise("remove-takes-hooks-away")
+@pytest.mark.promise("remove-takes-hooks-away", "two-call-form")
+def test_the_two_call_form_runs_only_the_noisy_pass():
+    model = make_model()
+    ids, _ = batch()
+    reg = RandomPerturbationRegularizer(model)
+    calls = []
+    counter = model.register_forward_pre_hook(lambda module, args: calls.append(1))
+    clean = model(ids)
+    assert reg(lambda: model(ids), clean) > 0
+    assert len(calls) == 2  # the caller's clean pass, then one noisy pass
+    reg.pair(lambda: model(ids))
+    assert len(calls) == 4  # pair: a clean pass and a noisy pass
+    counter.remove()
+
+
 def test_leaving_the_with_block_removes_the_hooks_even_if_it_raised():
     model = make_model()
     ids, _ = batch()
