@@ -57,7 +57,7 @@ UNSCANNED_SECTIONS = {
 PROMISE_WORDS = re.compile(
     r"\b(always|never|exactly|exact|bitwise|guarantee[sd]?|equals?|equal to|the same|same as"
     r"|identical|refused|refuses|refuse|raises?|untouched|unaltered|unchanged|cannot|"
-    r"is checked|are checked|every|no error|restores?|works?)\b",
+    r"is checked|are checked|every|no error|restores?|works?|left out|no \w+ (?:is |are )?left)\b",
     re.IGNORECASE,
 )
 TAG = re.compile(r"<!--\s*(promise|not-a-promise)\s*:?\s*(.*?)\s*-->", re.DOTALL)
