@@ -235,4 +235,5 @@ def test_problems_name_unclaimed_and_stale_ids():
     ]
     table = promises.render(sentences, claims)
     assert "**0 of 1 promise sentences are checked by a named test**" in table
-    assert "| It is exact. | p.md | `made` | **none** |" in table
+    assert "    | `made`: It is exact. | p.md | **none** |" in table
+    assert "    | It is exact. | p.md | `made` (**no test**) |" in table
