@@ -313,7 +313,7 @@ def test_model_is_unaltered_and_hooks_go_with_remove():
         reg(lambda: model(ids), expected)
 
 
-@pytest.mark.promise("remove-takes-hooks-away", "two-call-form")
+@pytest.mark.promise("two-call-form")
 def test_the_two_call_form_runs_only_the_noisy_pass():
     model = make_model()
     ids, _ = batch()
@@ -328,6 +328,7 @@ def test_the_two_call_form_runs_only_the_noisy_pass():
     counter.remove()
 
 
+@pytest.mark.promise("remove-takes-hooks-away")
 def test_leaving_the_with_block_removes_the_hooks_even_if_it_raised():
     model = make_model()
     ids, _ = batch()
