@@ -200,12 +200,18 @@ def read_page(page: str, root: Path = ROOT) -> list[Sentence]:
     for line, unit, section in _units(page, text):
         ids: list[str] = []
         opted_out = False
-        for kind, body in TAG.findall(unit):
+        # a tag written in a code span is shown, not meant: mask code spans while looking
+        masked = re.sub(r"`[^`]*`", lambda m: "\0" * len(m.group(0)), unit)
+        tags = list(TAG.finditer(masked))
+        for tag in tags:
+            kind, body = tag.groups()
             if kind == "promise":
                 ids += [i.strip() for i in body.split(",") if i.strip()]
             else:
                 opted_out = True
-        bare = re.sub(r"\s+", " ", TAG.sub("", unit)).strip()
+        for tag in reversed(tags):
+            unit = unit[: tag.start()] + unit[tag.end() :]
+        bare = re.sub(r"\s+", " ", unit).strip()
         if bare:
             sentences.append(Sentence(page, line, bare, section, ids, opted_out))
     return sentences

@@ -121,6 +121,7 @@ def test_a_tag_belongs_to_the_sentence_before_it(tmp_path):
             "page.md": """\
             # Title
 
+            Tag it `<!-- not-a-promise -->` when it is not. <!-- promise: shown -->
             First it is exact. <!-- promise: a-one --> Then it is
             checked, and never wrong. <!-- promise: b, c --> A plain sentence.
             Noise that is always there. <!-- not-a-promise -->
@@ -139,6 +140,8 @@ def test_a_tag_belongs_to_the_sentence_before_it(tmp_path):
     )
     sentences = promises.read_page("page.md", root)
     by_text = {s.text: s for s in sentences}
+    shown = by_text["Tag it `<!-- not-a-promise -->` when it is not."]
+    assert shown.ids == ["shown"] and not shown.opted_out
     assert by_text["First it is exact."].ids == ["a-one"]
     assert by_text["Then it is checked, and never wrong."].ids == ["b", "c"]
     assert by_text["A plain sentence."].ids == []
