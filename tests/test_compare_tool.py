@@ -10,6 +10,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from rapt_reg import RaptRegError
 from rapt_reg.compare import cli, report, training
@@ -474,3 +475,16 @@ def test_macro_f1_and_unbalanced():
 def test_json_has_no_nan():
     text = report.dumps({"a": math.nan, "b": [1.0, math.nan]})
     assert json.loads(text) == {"a": None, "b": [1.0, None]}
+
+
+@pytest.mark.promise("compare-model-head")
+def test_a_head_of_another_size_is_replaced_and_the_rest_loaded(tiny):
+    from transformers import AutoModelForSequenceClassification
+
+    saved = AutoModelForSequenceClassification.from_pretrained(tiny["model"])
+    config = CompareConfig(data=tiny["data"], model=tiny["model"])
+    _, load = training.load_model(config, 5)
+    model = load(0)
+    assert saved.classifier.out_features == 2 and model.classifier.out_features == 5
+    for name, value in saved.bert.state_dict().items():
+        assert torch.equal(model.bert.state_dict()[name], value), name
