@@ -126,6 +126,7 @@ def test_end_to_end_writes_table_json_and_plot(tiny, tmp_path, capsys):
     assert all(len(r["penalties"]) == 2 for r in runs if r["method"] != "standard")
 
 
+@pytest.mark.promise("compare-progress")
 def test_progress_bars_per_seed(tiny, tmp_path, capsys):
     argv = [a for a in _args(tiny, tmp_path / "out", "--seeds", "2") if a != "--no-progress"]
     assert cli.main(argv) == 0
