@@ -9,6 +9,7 @@ import torch
 import vocab
 
 
+@pytest.mark.promise("benchmark-scripts")
 @pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="peak RSS needs Linux")
 def test_vocab_smoke(tmp_path):
     lines = []
@@ -30,6 +31,7 @@ def test_logits_copy_size():
     assert vocab.logits_mib(32000, 256) == pytest.approx(125.0)
 
 
+@pytest.mark.promise("benchmark-scripts")
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message shown without CUDA")
 def test_gpu_script_without_cuda_says_so():
     with pytest.raises(SystemExit, match="needs a CUDA device.*--device cpu --smoke"):
@@ -41,6 +43,7 @@ def test_gpu_script_arguments_are_checked():
         gpu.main(["--methods", "rapt"])  # no standard to compare with
 
 
+@pytest.mark.promise("benchmark-scripts")
 def test_gpu_script_smoke_on_cpu(tmp_path):
     lines = []
     argv = ["--device", "cpu", "--smoke", "--models", "llama", "--methods", "standard,rapt"]

@@ -39,6 +39,9 @@ from urllib.parse import urldefrag
 from playwright.sync_api import Browser, sync_playwright
 from playwright.sync_api import TimeoutError as PlaywrightTimeoutError
 
+# The promises of the pages this check proves (scripts/promises.py reads this).
+PROMISES = ("docs-offline",)
+
 ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM_FLAGS = [
     "--no-sandbox",

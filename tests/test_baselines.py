@@ -108,6 +108,7 @@ SMART_CASES = {
 }
 
 
+@pytest.mark.promise("baselines")
 @pytest.mark.parametrize("case", SMART_CASES.values(), ids=SMART_CASES.keys())
 def test_smart_matches_mtdnn_reference(case):
     # A larger step than MT-DNN's default so that the gradient visibly moves the noise.
@@ -189,6 +190,7 @@ def _r3f_reference(model, ids, *, eps, noise, seed):
     return input_logits, symm_kl
 
 
+@pytest.mark.promise("baselines")
 @pytest.mark.parametrize("noise", ["uniform", "normal"])
 def test_r3f_matches_fairseq_reference(noise):
     model, ids = _tiny(), _ids()
@@ -327,6 +329,7 @@ REGULARIZERS = {
 }
 
 
+@pytest.mark.promise("eval-mode")
 @pytest.mark.parametrize("make", REGULARIZERS.values(), ids=REGULARIZERS.keys())
 def test_eval_mode_gives_zero_and_warns_once(make):
     model, ids = _tiny(), _ids()
@@ -364,6 +367,7 @@ def test_noise_that_never_reaches_the_model_is_an_error(make):
         reg(lambda: torch.zeros(BATCH, 3, dtype=torch.float64, requires_grad=True), model(ids))
 
 
+@pytest.mark.promise("masked-positions-left-out")
 @pytest.mark.parametrize("make", REGULARIZERS.values(), ids=REGULARIZERS.keys())
 def test_masked_positions_never_reach_the_penalty(make):
     # Token-level logits that are NaN at padding: the mask keeps them out of SMART's ascent

@@ -23,6 +23,7 @@ pytestmark = [
 # -- masks from the batch -----------------------------------------------------------------------
 
 
+@pytest.mark.promise("causal-mask-shift")
 def test_causal_mask_follows_the_shift() -> None:
     """logits[t] is judged by labels[t + 1]: prompt (-100) then answer, then padding."""
     labels = torch.tensor([[-100, -100, 7, 8, -100], [-100, 5, 6, 7, 8]])
@@ -39,6 +40,7 @@ def test_causal_mask_follows_the_shift() -> None:
     assert causal_token_mask({}) is None
 
 
+@pytest.mark.promise("noise-inputs")
 def test_noise_inputs_from_attention_mask_and_position_ids() -> None:
     batch = {
         "attention_mask": torch.tensor([[1, 1, 0]]),
@@ -72,6 +74,7 @@ def _trainer(tmp_path: Path, model: torch.nn.Module, **kwargs: Any) -> Any:
     return RaptTrainer(model=model, args=args, **kwargs)
 
 
+@pytest.mark.promise("noisy-pass-without-labels", "noise-inputs")
 def test_causal_lm_noisy_pass_has_no_labels_and_noise_skips_padding(tmp_path: Path) -> None:
     case = CASES["llama"]
     model = case.build()
@@ -100,6 +103,7 @@ def test_causal_lm_noisy_pass_has_no_labels_and_noise_skips_padding(tmp_path: Pa
     torch.testing.assert_close(delta[~padding].abs().amax(), torch.tensor(2.0))
 
 
+@pytest.mark.promise("noisy-pass-without-labels")
 def test_seq2seq_noisy_pass_gets_decoder_inputs_from_the_labels(tmp_path: Path) -> None:
     case = CASES["t5"]
     model = case.build()
@@ -169,6 +173,7 @@ def _sentences() -> Any:
     return datasets.Dataset.from_dict({"text": texts})
 
 
+@pytest.mark.promise("sft-trainer")
 def test_sft_trainer_refuses_other_loss_types(tmp_path: Path) -> None:
     trl = pytest.importorskip("trl")
     from rapt_reg.integrations import with_rapt
@@ -184,6 +189,7 @@ def test_sft_trainer_refuses_other_loss_types(tmp_path: Path) -> None:
         trainer.train()
 
 
+@pytest.mark.promise("sft-trainer", "lora")
 def test_sft_trainer_with_lora_and_packing(tmp_path: Path) -> None:
     """SFTTrainer wraps the model in PEFT itself: the penalty trains the adapters."""
     trl = pytest.importorskip("trl")
@@ -211,6 +217,7 @@ def test_sft_trainer_with_lora_and_packing(tmp_path: Path) -> None:
     assert adapters and any(not torch.equal(v, params[n]) for n, v in adapters.items())
 
 
+@pytest.mark.promise("sft-trainer")
 @pytest.mark.parametrize("packing", [False, True], ids=["padding", "packing"])
 def test_sft_trainer_with_rapt(tmp_path: Path, packing: bool) -> None:
     trl = pytest.importorskip("trl")
@@ -267,6 +274,7 @@ def test_sft_trainer_with_rapt(tmp_path: Path, packing: bool) -> None:
 # -- Lightning ----------------------------------------------------------------------------------
 
 
+@pytest.mark.promise("noise-inputs")
 def test_lightning_rapt_pair_takes_the_masks_from_the_batch() -> None:
     from models import TinyTransformer
 
@@ -296,6 +304,7 @@ def test_lightning_rapt_pair_takes_the_masks_from_the_batch() -> None:
     assert handed[-1]["noise_mask"] is explicit
 
 
+@pytest.mark.promise("causal-mask-shift")
 def test_the_llm_recipe_runs() -> None:
     """docs/recipes.md's hand-written LLM step: padding, shift, no second loss, hidden_rms."""
     import re

@@ -102,6 +102,7 @@ def _step(model: Stacked, regions, layer: int, form: str, feed: str, ids: torch.
 CASES = 30 if os.environ.get("RAPT_REG_MUTATION") == "1" else 300
 
 
+@pytest.mark.promise("checkpoint-exact")
 @settings(max_examples=CASES, deadline=None, derandomize=True)
 @given(
     layout=layouts(),
@@ -158,6 +159,7 @@ class Sequential(nn.Module):
         return self.head(h.mean(1))
 
 
+@pytest.mark.promise("checkpoint-exact")
 @pytest.mark.parametrize("reentrant", [False, True], ids=["non_reentrant", "reentrant"])
 @pytest.mark.parametrize("segments", [1, 2, 4])
 @pytest.mark.parametrize("form", ["pair", "call"])

@@ -10,6 +10,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from rapt_reg import RaptRegError
 from rapt_reg.compare import cli, report, training
@@ -88,6 +89,7 @@ def _args(tiny, out, *extra):
 # --------------------------------------------------------------------------- whole runs
 
 
+@pytest.mark.promise("compare-tool", "compare-results-json")
 def test_end_to_end_writes_table_json_and_plot(tiny, tmp_path, capsys):
     out = tmp_path / "out"
     methods = "standard,rapt,rapt-embedding,smart,r3f"
@@ -124,6 +126,7 @@ def test_end_to_end_writes_table_json_and_plot(tiny, tmp_path, capsys):
     assert all(len(r["penalties"]) == 2 for r in runs if r["method"] != "standard")
 
 
+@pytest.mark.promise("compare-progress")
 def test_progress_bars_per_seed(tiny, tmp_path, capsys):
     argv = [a for a in _args(tiny, tmp_path / "out", "--seeds", "2") if a != "--no-progress"]
     assert cli.main(argv) == 0
@@ -132,6 +135,7 @@ def test_progress_bars_per_seed(tiny, tmp_path, capsys):
         assert f"seed {seed} train" in err and f"seed {seed} eval" in err
 
 
+@pytest.mark.promise("compare-methods-paired")
 def test_methods_of_a_seed_share_weights_and_batches(tiny, tmp_path):
     # Same initial weights, same first batch, same dropout stream: the first clean task loss
     # is the same for every method; and a method's run does not depend on the others.
@@ -161,6 +165,7 @@ def test_methods_of_a_seed_share_weights_and_batches(tiny, tmp_path):
     assert alone[0].accuracy == runs[0].accuracy
 
 
+@pytest.mark.promise("compare-resume", "compare-seeds")
 def test_rerun_resumes_and_a_changed_configuration_starts_afresh(tiny, tmp_path, capsys):
     out = tmp_path / "out"
     assert cli.main(_args(tiny, out, "--seeds", "2")) == 0
@@ -182,6 +187,7 @@ def test_rerun_resumes_and_a_changed_configuration_starts_afresh(tiny, tmp_path,
     assert json.loads((out / "results.json").read_text())["seeds_done"] == [0]
 
 
+@pytest.mark.promise("compare-resume")
 def test_each_seed_is_saved_at_once_and_an_interrupted_run_continues(
     tiny, tmp_path, monkeypatch, capsys
 ):
@@ -224,6 +230,7 @@ def _refused(tiny, tmp_path, capsys, *args, data=None, model=None):
     return err
 
 
+@pytest.mark.promise("compare-refusals")
 def test_missing_column_names_file_line_and_flag(tiny, tmp_path, capsys):
     data = _write_csv(tmp_path / "d.csv", _rows(), header=("sentence", "label"))
     err = _refused(tiny, tmp_path, capsys, data=data)
@@ -231,18 +238,21 @@ def test_missing_column_names_file_line_and_flag(tiny, tmp_path, capsys):
     assert "'sentence'" in err
 
 
+@pytest.mark.promise("compare-refusals")
 def test_one_class_only_is_refused(tiny, tmp_path, capsys):
     data = _write_csv(tmp_path / "d.csv", [(t, "pos") for t, _ in _rows()])
     err = _refused(tiny, tmp_path, capsys, data=data)
     assert "d.csv" in err and "'pos'" in err and "at least two classes" in err
 
 
+@pytest.mark.promise("compare-refusals")
 def test_test_label_unseen_in_training_names_the_test_line(tiny, tmp_path, capsys):
     test = _write_csv(tmp_path / "t.csv", [("good film", "pos"), ("odd plot", "weird")])
     err = _refused(tiny, tmp_path, capsys, "--test", str(test))
     assert "t.csv: line 3 has the label 'weird'" in err and "never has" in err
 
 
+@pytest.mark.promise("compare-refusals")
 def test_empty_text_names_its_line(tiny, tmp_path, capsys):
     rows = _rows()
     rows[4] = ("   ", rows[4][1])
@@ -250,6 +260,7 @@ def test_empty_text_names_its_line(tiny, tmp_path, capsys):
     assert "d.csv: line 6: the text ('text') is empty" in err
 
 
+@pytest.mark.promise("compare-reads-formats", "compare-refusals")
 def test_invalid_utf8_names_the_line_and_encoding_reads_it(tiny, tmp_path, capsys):
     rows = _rows()
     data = _write_csv(tmp_path / "d.csv", rows)
@@ -264,6 +275,7 @@ def test_invalid_utf8_names_the_line_and_encoding_reads_it(tiny, tmp_path, capsy
     assert "unknown encoding 'no-such-codec'" in err
 
 
+@pytest.mark.promise("compare-refusals")
 def test_model_folder_that_does_not_load(tiny, tmp_path, capsys):
     err = _refused(tiny, tmp_path, capsys, model=tmp_path / "nowhere")
     assert "nowhere does not exist" in err
@@ -274,11 +286,13 @@ def test_model_folder_that_does_not_load(tiny, tmp_path, capsys):
     assert "broken does not load" in err and "save_pretrained" in err
 
 
+@pytest.mark.promise("compare-refusals")
 def test_unknown_method_is_refused(tiny, tmp_path, capsys):
     err = _refused(tiny, tmp_path, capsys, "--methods", "standard,rapt,fgm")
     assert "unknown method 'fgm'" in err and "r3f" in err
 
 
+@pytest.mark.promise("compare-tool")
 def test_python_dash_m_runs_the_same_command(tiny, tmp_path):
     argv = _args(tiny, tmp_path / "out", "--methods", "fgm")
     done = subprocess.run(
@@ -293,11 +307,13 @@ def test_python_dash_m_runs_the_same_command(tiny, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.promise("compare-splits", "compare-refusals")
 def test_too_few_examples_for_few_shot(tiny, tmp_path, capsys):
     err = _refused(tiny, tmp_path, capsys, "--train-per-class", "12")
     assert "--train-per-class 12" in err and "has 12 examples" in err
 
 
+@pytest.mark.promise("compare-refusals")
 def test_refusal_does_not_touch_a_previous_results_folder(tiny, tmp_path, capsys):
     out = tmp_path / "out"
     assert cli.main(_args(tiny, out, "--seeds", "1")) == 0
@@ -309,6 +325,7 @@ def test_refusal_does_not_touch_a_previous_results_folder(tiny, tmp_path, capsys
 # --------------------------------------------------------------------------- readers
 
 
+@pytest.mark.promise("compare-reads-formats")
 def test_tsv_jsonl_and_folder_read_the_same_examples(tmp_path):
     rows = [("a good film", "pos"), ("a bad plot", "neg"), ("fine", 3)]
     tsv = tmp_path / "d.tsv"
@@ -330,6 +347,7 @@ def test_tsv_jsonl_and_folder_read_the_same_examples(tmp_path):
     assert got.class_names == ["3", "neg", "pos"]
 
 
+@pytest.mark.promise("compare-refusals")
 def test_jsonl_and_csv_format_errors_name_the_line(tmp_path):
     bad = tmp_path / "d.jsonl"
     bad.write_text('{"text": "a", "label": "x"}\n[1, 2]\n')
@@ -345,6 +363,7 @@ def test_jsonl_and_csv_format_errors_name_the_line(tmp_path):
         textdata.read_table(multi)  # the second row starts on line 4, after a two-line field
 
 
+@pytest.mark.promise("compare-refusals")
 def test_empty_file_in_a_folder_is_refused(tmp_path):
     (tmp_path / "a").mkdir()
     (tmp_path / "a" / "1.txt").write_text(" \n")
@@ -352,6 +371,7 @@ def test_empty_file_in_a_folder_is_refused(tmp_path):
         textdata.read_folder(tmp_path)
 
 
+@pytest.mark.promise("compare-splits")
 def test_test_file_splits(tmp_path):
     train = _write_csv(tmp_path / "train.csv", _rows(30))
     test = _write_csv(tmp_path / "test.csv", _rows(12, seed=1))
@@ -365,6 +385,7 @@ def test_test_file_splits(tmp_path):
     assert len(drawn.splits[0][1]) == 5 and drawn.splits[0][1] != drawn.splits[1][1]
 
 
+@pytest.mark.promise("compare-splits")
 def test_fraction_split_is_stratified_disjoint_and_seeded():
     labels = ["a"] * 50 + ["b"] * 10 + ["c"] * 2
     train, held = textdata.fraction_split(labels, 0.2, seed=3)
@@ -380,6 +401,7 @@ def test_fraction_split_is_stratified_disjoint_and_seeded():
 # --------------------------------------------------------------------------- statistics
 
 
+@pytest.mark.promise("compare-report")
 def test_bootstrap_interval_is_seeded_and_brackets_the_mean():
     assert report.bootstrap_interval([0.02] * 5) == pytest.approx((0.02, 0.02))
     values = [0.01, -0.02, 0.03, 0.0, 0.015]
@@ -398,6 +420,7 @@ def _runs(deltas, ratio=1.5):
     return runs
 
 
+@pytest.mark.promise("compare-report")
 @pytest.mark.parametrize(
     ("deltas", "finding"),
     [
@@ -414,6 +437,7 @@ def test_verdicts(deltas, finding):
     assert "1.5× the time per step" in sentence
 
 
+@pytest.mark.promise("compare-report")
 def test_table_from_known_results():
     rows = report.summarize(_runs([0.01, 0.03]), ["standard", "rapt", "smart"])
     assert [r.method for r in rows] == ["standard", "rapt"]
@@ -438,6 +462,7 @@ def test_signed_points_never_show_minus_zero():
     ]
 
 
+@pytest.mark.promise("compare-report")
 def test_macro_f1_and_unbalanced():
     import torch
 
@@ -447,6 +472,20 @@ def test_macro_f1_and_unbalanced():
     assert report.unbalanced([30, 20]) and not report.unbalanced([30, 21])
 
 
+@pytest.mark.promise("compare-results-json")
 def test_json_has_no_nan():
     text = report.dumps({"a": math.nan, "b": [1.0, math.nan]})
     assert json.loads(text) == {"a": None, "b": [1.0, None]}
+
+
+@pytest.mark.promise("compare-model-head")
+def test_a_head_of_another_size_is_replaced_and_the_rest_loaded(tiny):
+    from transformers import AutoModelForSequenceClassification
+
+    saved = AutoModelForSequenceClassification.from_pretrained(tiny["model"])
+    config = CompareConfig(data=tiny["data"], model=tiny["model"])
+    _, load = training.load_model(config, 5)
+    model = load(0)
+    assert saved.classifier.out_features == 2 and model.classifier.out_features == 5
+    for name, value in saved.bert.state_dict().items():
+        assert torch.equal(model.bert.state_dict()[name], value), name

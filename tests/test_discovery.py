@@ -16,6 +16,7 @@ MODELS = {
 }
 
 
+@pytest.mark.promise("discovery")
 @pytest.mark.parametrize(("make", "path", "depth"), MODELS.values(), ids=MODELS.keys())
 def test_finds_the_stack_in_call_order(make, path, depth):
     model = make()
@@ -26,6 +27,7 @@ def test_finds_the_stack_in_call_order(make, path, depth):
     assert stack.names == tuple(f"{path}.{i}" for i in range(depth))
 
 
+@pytest.mark.promise("layout-detection")
 def test_sequence_first_layout_sets_batch_dim():
     layer = nn.TransformerEncoderLayer(8, 2, batch_first=False)
     assert (
@@ -36,6 +38,7 @@ def test_sequence_first_layout_sets_batch_dim():
     )
 
 
+@pytest.mark.promise("wrappers-seen-through")
 @pytest.mark.parametrize(
     "wrap",
     [nn.DataParallel, torch.compile, lambda m: nn.DataParallel(torch.compile(m))],
@@ -62,6 +65,7 @@ class NestedStacks(nn.Module):
         self.groups = nn.ModuleList([Group()])
 
 
+@pytest.mark.promise("discovery")
 def test_outermost_stack_wins_over_nested_lists():
     assert find_transformer_blocks(NestedStacks()).path == "groups"
 
@@ -75,6 +79,7 @@ class EncoderDecoder(nn.Module):
         self.decoder.block = nn.ModuleList([Block(8, 2) for _ in range(2)])
 
 
+@pytest.mark.promise("discovery")
 def test_prefers_the_encoder_and_can_pick_another():
     model = EncoderDecoder()
     assert find_transformer_blocks(model).path == "encoder.block"
@@ -87,6 +92,7 @@ def test_prefers_the_encoder_and_can_pick_another():
     ]
 
 
+@pytest.mark.promise("discovery-refusal")
 def test_blocks_override_by_path_or_modules():
     model = TinyTransformer(depth=4)
     assert find_transformer_blocks(model, blocks="layers").blocks == tuple(model.layers)
@@ -96,6 +102,7 @@ def test_blocks_override_by_path_or_modules():
     assert find_transformer_blocks(model, blocks=["layers.0"]).blocks == (model.layers[0],)
 
 
+@pytest.mark.promise("discovery-refusal")
 @pytest.mark.parametrize(
     ("blocks", "message"),
     [
@@ -111,6 +118,7 @@ def test_bad_blocks_argument_is_refused(blocks, message):
         find_transformer_blocks(TinyTransformer(depth=2), blocks=blocks)
 
 
+@pytest.mark.promise("discovery-refusal")
 def test_nothing_found_lists_containers_and_names_blocks():
     model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
     with pytest.raises(BlockDiscoveryError, match=r"Sequential of 3.*blocks=") as info:

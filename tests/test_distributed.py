@@ -98,6 +98,7 @@ def ddp_results(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
     return run_on_ranks(_all, WORLD, out_dir)
 
 
+@pytest.mark.promise("ddp-fsdp2-exact", "wrappers-seen-through")
 @pytest.mark.parametrize(
     ("find_unused", "form"),
     COMBINATIONS,

@@ -12,6 +12,7 @@ NAMES = sorted(div.DIVERGENCES)
 logit_shapes = st.lists(st.integers(1, 5), min_size=2, max_size=3).map(tuple)
 
 
+@pytest.mark.promise("divergences")
 @settings(max_examples=40, deadline=None)
 @given(
     name=st.sampled_from(NAMES),
@@ -27,6 +28,7 @@ def test_non_negative_and_zero_on_equal_outputs(name, shape, seed, scale):
     assert div.reduce_divergence(fn, a, a.clone()).abs() < 1e-6
 
 
+@pytest.mark.promise("divergences")
 def test_sym_kl_matches_mt_dnn_and_its_gradients():
     noisy = torch.randn(4, 3, requires_grad=True)
     clean = torch.randn(4, 3, requires_grad=True)
@@ -43,6 +45,7 @@ def test_sym_kl_matches_mt_dnn_and_its_gradients():
         torch.testing.assert_close(a, b)
 
 
+@pytest.mark.promise("divergences")
 def test_kl_treats_clean_as_fixed_target():
     noisy = torch.randn(3, 5, requires_grad=True)
     clean = torch.randn(3, 5, requires_grad=True)
@@ -53,6 +56,7 @@ def test_kl_treats_clean_as_fixed_target():
     assert clean.grad is None and noisy.grad is not None
 
 
+@pytest.mark.promise("divergences")
 def test_js_matches_definition():
     a, b = torch.randn(6, 4), torch.randn(6, 4)
     p, q = a.softmax(-1), b.softmax(-1)
@@ -61,12 +65,14 @@ def test_js_matches_definition():
     torch.testing.assert_close(div.reduce_divergence(div.js, a, b), expected)
 
 
+@pytest.mark.promise("divergence-reduction")
 def test_batchmean_over_every_leading_dimension():
     noisy, clean = torch.randn(2, 3, 4), torch.randn(2, 3, 4)
     flat = div.reduce_divergence(div.sym_kl, noisy.reshape(6, 4), clean.reshape(6, 4))
     torch.testing.assert_close(div.reduce_divergence(div.sym_kl, noisy, clean), flat)
 
 
+@pytest.mark.promise("divergence-reduction", "masked-positions-left-out")
 def test_mask_leaves_out_padded_positions():
     noisy, clean = torch.randn(2, 3, 4), torch.randn(2, 3, 4)
     mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
@@ -74,6 +80,7 @@ def test_mask_leaves_out_padded_positions():
     torch.testing.assert_close(div.reduce_divergence(div.mse, noisy, clean, mask), expected)
 
 
+@pytest.mark.promise("bf16-autocast")
 def test_float32_under_bf16_autocast():
     noisy = torch.randn(4, 3, dtype=torch.bfloat16)
     clean = torch.randn(4, 3, dtype=torch.bfloat16)
@@ -85,6 +92,7 @@ def test_float32_under_bf16_autocast():
     )
 
 
+@pytest.mark.promise("bad-outputs-refused")
 @pytest.mark.parametrize(
     ("noisy", "clean", "message"),
     [
@@ -181,6 +189,7 @@ def _plain(reference_fn, a, b, mask):
     return [value, *grads]
 
 
+@pytest.mark.promise("chunked-divergence", "divergences")
 @settings(max_examples=150, deadline=None, derandomize=True)
 @given(
     name=st.sampled_from(sorted(REFERENCES)),
@@ -241,6 +250,7 @@ def test_chunked_matches_the_plain_formula(
         assert got is None or torch.isfinite(got).all(), what
 
 
+@pytest.mark.promise("chunked-divergence-memory")
 def test_half_precision_logits_are_computed_in_float32_chunk_by_chunk():
     """bf16 logits: float32 value and bf16 gradients equal to those of the float32 logits."""
     a, b = torch.randn(6, 50), torch.randn(6, 50)
@@ -271,6 +281,7 @@ class _LargestFloat32(torch.utils._python_dispatch.TorchDispatchMode):
         return out
 
 
+@pytest.mark.promise("chunked-divergence-memory")
 @pytest.mark.parametrize("name", NAMES)
 @pytest.mark.parametrize("masked", [False, True], ids=["no_mask", "mask"])
 def test_no_float32_copy_of_the_whole_logits(name, masked):
@@ -286,6 +297,7 @@ def test_no_float32_copy_of_the_whole_logits(name, masked):
     assert noisy.grad.dtype == torch.bfloat16
 
 
+@pytest.mark.promise("chunked-divergence-memory")
 def test_default_chunks_are_sized_by_bytes_and_bounded_in_number():
     assert div.chunk_rows(1024, 32000) == 32  # 4 MiB of float32 rows
     assert div.chunk_rows(16384, 128256) == 256  # 1/64 of the positions
@@ -303,6 +315,7 @@ def test_all_false_mask_gives_zero_and_zero_gradients():
     assert torch.equal(clean.grad, torch.zeros_like(clean))
 
 
+@pytest.mark.promise("custom-divergence-whole-tensors")
 def test_custom_callable_with_a_mask_never_sees_nan_and_gets_whole_tensors():
     seen = []
 
@@ -326,6 +339,7 @@ def test_bad_chunk_positions_are_refused(bad):
         div.reduce_divergence(div.kl, torch.zeros(2, 3), torch.zeros(2, 3), chunk_positions=bad)
 
 
+@pytest.mark.promise("chunked-divergence-memory")
 def test_backward_keeps_only_the_logits_themselves():
     noisy = torch.randn(4, 8, 100, requires_grad=True)
     clean = torch.randn(4, 8, 100, requires_grad=True)

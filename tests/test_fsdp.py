@@ -97,6 +97,7 @@ def results(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
     return run_on_ranks(_all, WORLD, out_dir)
 
 
+@pytest.mark.promise("ddp-fsdp2-exact")
 @pytest.mark.parametrize("form", FORMS)
 def test_fsdp2_gives_ddp_gradients_with_ranks_on_different_layers(results, form):
     largest = max(d for per_rank in results for d in per_rank[form]["diff"])

@@ -40,6 +40,7 @@ def _python(code: str) -> subprocess.CompletedProcess:
 # -- lazy imports -----------------------------------------------------------------------------
 
 
+@pytest.mark.promise("core-without-numpy", "lazy-imports")
 def test_import_works_with_torch_alone() -> None:
     """Every optional framework blocked: rapt_reg, its integrations package and the Lightning
     mixin import and work; the Trainer helper says what to install."""
@@ -68,6 +69,7 @@ def test_import_works_with_torch_alone() -> None:
     assert result.stdout.strip() == "ok"
 
 
+@pytest.mark.promise("lazy-imports")
 def test_import_loads_no_optional_framework() -> None:
     result = _python(
         f"""
@@ -83,6 +85,7 @@ def test_import_loads_no_optional_framework() -> None:
 # -- PEFT -------------------------------------------------------------------------------------
 
 
+@pytest.mark.promise("wrappers-seen-through", "lora")
 @pytest.mark.parametrize(
     ("name", "targets"),
     [("bert", ["query", "value"]), ("llama", ["q_proj", "v_proj"])],
@@ -134,6 +137,7 @@ def accelerator_state() -> Iterator[None]:
     state.AcceleratorState._reset_state(True)
 
 
+@pytest.mark.promise("accelerate")
 @pytest.mark.parametrize("built", ["before_prepare", "after_prepare"])
 def test_accelerate_prepare_bf16_with_accumulation(accelerator_state: None, built: str) -> None:
     from accelerate import Accelerator
@@ -180,6 +184,7 @@ def _load_example(name: str):
     return module
 
 
+@pytest.mark.promise("lightning")
 def test_lightning_module_with_the_mixin_trains(tmp_path: Path) -> None:
     L = pytest.importorskip("lightning")
     example = _load_example("lightning_example")
@@ -212,6 +217,7 @@ def test_lightning_module_with_the_mixin_trains(tmp_path: Path) -> None:
     assert not any("rapt" in key for key in module.state_dict())
 
 
+@pytest.mark.promise("lightning")
 def test_lightning_mixin_outside_a_module_is_refused() -> None:
     from rapt_reg.integrations.lightning import RaptLightningMixin
 
@@ -292,6 +298,7 @@ def _trainer(
     return trainer, dataset
 
 
+@pytest.mark.promise("trainer-loss")
 @pytest.mark.parametrize(("name", "accumulation"), [("bert", 1), ("llama", 2)])
 def test_trainer_trains_and_logs_the_penalty(
     tmp_path: Path, accelerator_state: None, name: str, accumulation: int
@@ -306,6 +313,7 @@ def test_trainer_trains_and_logs_the_penalty(
     assert any(not torch.equal(before[n], p) for n, p in trainer.model.named_parameters())
 
 
+@pytest.mark.promise("trainer-loss")
 def test_trainer_loss_is_the_task_loss_plus_the_penalty(
     tmp_path: Path, accelerator_state: None
 ) -> None:
@@ -377,6 +385,7 @@ def test_trainer_evaluates_and_predicts_without_noise(
     assert torch.equal(torch.as_tensor(found[1].predictions), direct)
 
 
+@pytest.mark.promise("with-rapt")
 def test_with_rapt_subclasses_any_trainer() -> None:
     transformers = pytest.importorskip("transformers")
     from rapt_reg.integrations import RaptTrainerMixin, with_rapt

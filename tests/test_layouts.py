@@ -74,6 +74,7 @@ def _noise_at(model: nn.Module, reg, layer: int, tokens: torch.Tensor) -> torch.
     return seen[1] - seen[0]  # [T, B, C]
 
 
+@pytest.mark.promise("inf-norm-per-example", "layout-detection")
 @settings(max_examples=25, deadline=None, derandomize=True)
 @given(
     batch=st.integers(1, 5),
@@ -93,6 +94,7 @@ def test_sequence_first_blocks_get_per_example_norms(batch, seq, layer, eta):
         torch.testing.assert_close(per_example, torch.full((batch,), eta), rtol=1e-5, atol=0)
 
 
+@pytest.mark.promise("layout-detection")
 @pytest.mark.parametrize("size", [3, 4])
 def test_batch_dim_given_by_hand_when_nothing_tells(size):
     """No mask argument, and T == B: only ``batch_dim=1`` gives per-example norms."""
@@ -104,6 +106,7 @@ def test_batch_dim_given_by_hand_when_nothing_tells(size):
     torch.testing.assert_close(delta.abs().amax(dim=(0, 2)), torch.full((size,), 2.0))
 
 
+@pytest.mark.promise("layout-detection")
 def test_batch_first_attribute_wins_over_shapes():
     layer = nn.TransformerEncoderLayer(DIM, 2, 16, dropout=0.0, batch_first=False)
     model = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)

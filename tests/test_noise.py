@@ -19,6 +19,7 @@ def per_example_inf_norm(x: torch.Tensor) -> torch.Tensor:
     return x.double().abs().reshape(x.shape[0], -1).amax(1)
 
 
+@pytest.mark.promise("inf-norm-per-example")
 @settings(max_examples=60, deadline=None)
 @given(shape=shapes, dtype=dtypes, eta=etas, seed=st.integers(0, 2**31))
 def test_each_example_has_inf_norm_eta(shape, dtype, eta, seed):
@@ -33,6 +34,7 @@ def test_each_example_has_inf_norm_eta(shape, dtype, eta, seed):
     )
 
 
+@pytest.mark.promise("sigma-cancels")
 @settings(max_examples=30, deadline=None)
 @given(shape=shapes, eta=etas, sigma=st.floats(1e-4, 1e4), seed=st.integers(0, 2**31))
 def test_sigma_cancels_under_a_norm(shape, eta, sigma, seed):
@@ -42,6 +44,7 @@ def test_sigma_cancels_under_a_norm(shape, eta, sigma, seed):
     torch.testing.assert_close(draw(sigma), draw(1.0), rtol=1e-5, atol=0)
 
 
+@pytest.mark.promise("per-token")
 @settings(max_examples=30, deadline=None)
 @given(shape=shapes, eta=etas, seed=st.integers(0, 2**31))
 def test_per_token_scales_each_position(shape, eta, seed):
@@ -52,17 +55,20 @@ def test_per_token_scales_each_position(shape, eta, seed):
     torch.testing.assert_close(noise.double().abs().amax(-1), expected, rtol=1e-6, atol=0)
 
 
+@pytest.mark.promise("noise-norms")
 def test_l2_norm_per_example():
     noise = sample_noise((4, 3, 5), eta=0.5, norm="l2", generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(noise.flatten(1).norm(dim=1), torch.full((4,), 0.5))
 
 
+@pytest.mark.promise("noise-norms")
 def test_raw_noise_has_standard_deviation_sigma():
     noise = sample_noise((200, 500), eta=2.0, sigma=0.3, norm=None, generator=torch.Generator())
     assert abs(noise.std().item() - 0.3) < 0.01
     assert abs(noise.mean().item()) < 0.01
 
 
+@pytest.mark.promise("layout-detection")
 def test_batch_dim_selects_examples():
     noise = sample_noise(
         (5, 3, 4), eta=1.5, batch_dim=1, generator=torch.Generator().manual_seed(1)
@@ -82,6 +88,7 @@ def test_zero_noise_does_not_divide_by_zero():
     assert torch.equal(scale_noise(torch.zeros(2, 3), eta=1.0), torch.zeros(2, 3))
 
 
+@pytest.mark.promise("noise-norms")
 def test_unknown_norm_is_refused():
     with pytest.raises(ValueError, match="norm must be one of"):
         scale_noise(torch.ones(2, 2), eta=1.0, norm="l1")
@@ -118,6 +125,7 @@ def group_norm(x: torch.Tensor, keep: torch.Tensor, norm: str) -> torch.Tensor:
     return values.norm()
 
 
+@pytest.mark.promise("masks-any-layout", "noise-mask", "empty-row-no-noise")
 @settings(max_examples=80, deadline=None)
 @given(
     case=token_batches(),
@@ -149,6 +157,7 @@ def test_masked_noise_is_zero_off_the_mask_and_eta_on_it(case, norm, eta, seed):
         )
 
 
+@pytest.mark.promise("masks-any-layout", "segment-ids")
 @settings(max_examples=80, deadline=None)
 @given(
     case=token_batches(segments=True),
@@ -189,6 +198,7 @@ def test_each_segment_is_scaled_as_one_example(case, masked, norm, eta, seed):
             torch.testing.assert_close(noise[b][keep], alone, rtol=1e-6, atol=0)
 
 
+@pytest.mark.promise("noise-mask")
 @settings(max_examples=60, deadline=None)
 @given(
     length=st.integers(1, 6),
@@ -215,6 +225,7 @@ def test_noise_on_real_tokens_does_not_depend_on_padding(length, pads, norm, per
     torch.testing.assert_close(outputs[0], unpadded, rtol=1e-6, atol=0)
 
 
+@pytest.mark.promise("noise-mask", "per-token")
 @settings(max_examples=40, deadline=None)
 @given(case=token_batches(), eta=etas, seed=st.integers(0, 2**31))
 def test_per_token_with_a_mask_zeroes_padding(case, eta, seed):
@@ -232,6 +243,7 @@ def test_per_token_with_a_mask_zeroes_padding(case, eta, seed):
     torch.testing.assert_close(size, expected, rtol=1e-6, atol=0)
 
 
+@pytest.mark.promise("eta-scale-hidden-rms")
 @settings(max_examples=60, deadline=None)
 @given(
     case=token_batches(segments=True),
@@ -262,6 +274,7 @@ def test_eta_relative_to_the_hidden_rms(case, use_segments, eta, hidden_scale, s
             )
 
 
+@pytest.mark.promise("eta-scale-hidden-rms")
 def test_hidden_rms_without_masks():
     hidden = torch.tensor([[[3.0, 4.0]], [[0.0, 1.0]]])
     torch.testing.assert_close(hidden_rms(hidden).flatten(), torch.tensor([12.5, 0.5]).sqrt())
@@ -270,6 +283,7 @@ def test_hidden_rms_without_masks():
     )
 
 
+@pytest.mark.promise("bad-masks-refused")
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
@@ -289,11 +303,13 @@ def test_bad_masks_are_refused(kwargs, match):
         scale_noise(torch.randn(2, 3, 4), eta=1.0, **kwargs)
 
 
+@pytest.mark.promise("bad-masks-refused")
 def test_masks_need_token_level_hidden_states():
     with pytest.raises(RaptRegError, match="leave them out"):
         scale_noise(torch.randn(4), eta=1.0, noise_mask=torch.ones(4, 1, dtype=torch.bool))
 
 
+@pytest.mark.promise("eta-scale-hidden-rms")
 def test_hidden_rms_per_token_and_without_gradient():
     hidden = torch.tensor([[[3.0, 4.0], [1.0, 1.0]]], requires_grad=True)
     rms = hidden_rms(hidden, per_token=True)
@@ -305,6 +321,7 @@ def test_hidden_rms_per_token_and_without_gradient():
     )
 
 
+@pytest.mark.promise("no-host-sync")
 def test_masked_scaling_makes_no_host_syncs(monkeypatch):
     """Masks are applied with where/scatter on the device: no tensor is read by the host."""
 

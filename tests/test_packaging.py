@@ -96,15 +96,18 @@ def _requirements() -> dict[str | None, set[str]]:
     return by_extra
 
 
+@pytest.mark.promise("version-one-source")
 def test_version_has_one_source():
     assert md.version(_installed().name) == rapt_reg.__version__
 
 
+@pytest.mark.promise("torch-only-dependency")
 def test_runtime_dependencies_are_exactly_the_core_imports():
     imports, required = _third_party_imports(), _requirements()
     assert imports[None] == required[None] == {"torch"}
 
 
+@pytest.mark.promise("extras-cover-imports")
 @pytest.mark.parametrize("extra", sorted(set(OPTIONAL_MODULES.values())))
 def test_each_extra_provides_what_its_modules_import(extra):
     imports, required = _third_party_imports(), _requirements()
@@ -112,6 +115,7 @@ def test_each_extra_provides_what_its_modules_import(extra):
     assert not missing, f"modules of the {extra!r} extra import {missing} not in the extra"
 
 
+@pytest.mark.promise("core-without-numpy")
 def test_core_runs_without_numpy():
     """The core imports no numpy, even through a path not seen by the import scan."""
     code = """
@@ -136,6 +140,7 @@ def test_core_runs_without_numpy():
     assert done.stdout.split() == ["ok", "True"]
 
 
+@pytest.mark.promise("wheel-contents")
 def test_wheel_holds_the_package_and_py_typed_only():
     files = [str(path) for path in _installed().files or []]
     assert "rapt_reg/py.typed" in files
@@ -149,6 +154,7 @@ def test_wheel_holds_the_package_and_py_typed_only():
     assert not outside, f"the wheel installs files outside the package: {outside}"
 
 
+@pytest.mark.promise("ci-tests-lower-bounds")
 def test_ci_tests_the_lower_bounds_the_metadata_states():
     """README: the lower bounds of Python and torch are the versions CI runs."""
     if os.environ.get("RAPT_REG_TEST_INSTALLED") != "1":

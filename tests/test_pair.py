@@ -94,6 +94,7 @@ def _assert_same(a, b) -> None:
             _assert_same(x, y)
 
 
+@pytest.mark.promise("pair-equals-two-calls")
 def test_batchnorm_statistics_equal_the_two_call_form():
     torch.manual_seed(0)
     model = NormModel().train()
@@ -131,6 +132,7 @@ def _moe(kind: str) -> nn.Module:
     return transformers.Qwen2MoeForCausalLM(config)
 
 
+@pytest.mark.promise("pair-equals-two-calls")
 @pytest.mark.parametrize("kind", ["mixtral", "qwen2_moe"])
 def test_moe_router_logits_and_aux_loss_equal_the_two_call_form(kind):
     torch.manual_seed(0)

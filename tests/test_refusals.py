@@ -414,6 +414,7 @@ def _run_traced(fn: Callable[[], Any]) -> None:
         sys.settrace(None)
 
 
+@pytest.mark.promise("refusals-leave-model")
 @pytest.mark.parametrize("case", CONSTRUCTOR_CASES, ids=list(CONSTRUCTOR_CASES))
 def test_a_refused_constructor_leaves_the_model_as_it_was(case: str) -> None:
     make_model, construct = CONSTRUCTOR_CASES[case]
@@ -424,6 +425,7 @@ def test_a_refused_constructor_leaves_the_model_as_it_was(case: str) -> None:
     assert torch.equal(torch.get_rng_state(), rng)  # a refused constructor draws nothing
 
 
+@pytest.mark.promise("refusals-leave-model", "shared-blocks-checkpoint-refused")
 @pytest.mark.parametrize("case", CALL_CASES, ids=list(CALL_CASES))
 def test_a_refused_call_leaves_the_model_as_it_was(case: str) -> None:
     make_model, setup = CALL_CASES[case]
@@ -452,6 +454,7 @@ UNREACHABLE = {
 }
 
 
+@pytest.mark.promise("refusals-name-the-fix", "refusals-leave-model")
 def test_every_refusal_in_the_core_was_walked() -> None:
     """Run last in this module (pytest keeps file order): every core raise was reached."""
     expected = set().union(*(_raise_lines(_PACKAGE / name) for name in CORE))

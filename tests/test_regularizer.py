@@ -70,6 +70,7 @@ def grads(model):
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
+@pytest.mark.promise("algorithm-1", "layer-zero-is-embedding-output", "generator-seeds-once")
 @pytest.mark.parametrize("form", ["pair", "two-pass"])
 @pytest.mark.parametrize("layer", range(DEPTH + 1))
 def test_gradients_equal_hand_written_algorithm_1(layer, form):
@@ -112,6 +113,7 @@ def record_block_inputs(model):
     return seen, handles
 
 
+@pytest.mark.promise("algorithm-1", "layer-choice")
 @settings(max_examples=15, deadline=None)
 @given(
     bounds=st.tuples(st.integers(0, DEPTH - 1), st.integers(0, DEPTH - 1)).map(sorted),
@@ -143,6 +145,7 @@ def test_exactly_one_layer_within_bounds_is_perturbed_by_eta(bounds, seed, eta):
     reg.remove()
 
 
+@pytest.mark.promise("layer-choice")
 def test_layer_choice_is_about_uniform():
     model = make_model(dim=8)
     ids, _ = batch(size=1, length=2)
@@ -161,6 +164,7 @@ def test_layer_choice_is_about_uniform():
     assert chi2 < 18.5  # chi-square, 4 degrees of freedom, p = 0.001
 
 
+@pytest.mark.promise("pair-equals-two-calls")
 @pytest.mark.parametrize("layer", range(DEPTH + 1))
 def test_pair_equals_two_pass_on_token_outputs_with_mask(layer):
     ids, _ = batch()
@@ -192,6 +196,7 @@ def test_zero_eta_gives_zero_penalty_with_dropout_off():
     assert penalty.item() == 0.0
 
 
+@pytest.mark.promise("global-rng-untouched")
 def test_generator_makes_runs_reproducible_and_leaves_global_rng_alone():
     ids, labels = batch()
     runs = []
@@ -218,6 +223,7 @@ def test_generator_makes_runs_reproducible_and_leaves_global_rng_alone():
     assert torch.equal(runs[0][2], runs[1][2])
 
 
+@pytest.mark.promise("global-rng-untouched")
 @pytest.mark.parametrize("generator", [None, "seeded"])
 @pytest.mark.parametrize("form", ["pair", "call"])
 def test_a_step_leaves_the_global_rng_as_a_step_without_rapt(form, generator):
@@ -255,6 +261,7 @@ def test_a_step_leaves_the_global_rng_as_a_step_without_rapt(form, generator):
     assert not torch.equal(noisy_outputs[-1], noisy_outputs[-2])
 
 
+@pytest.mark.promise("eval-mode")
 def test_eval_mode_gives_zero_and_warns_once():
     model = make_model().eval()
     ids, _ = batch()
@@ -288,6 +295,7 @@ def assert_same_snapshot(model, before):
     assert modules == before[1]
 
 
+@pytest.mark.promise("remove-takes-hooks-away", "model-unaltered")
 def test_model_is_unaltered_and_hooks_go_with_remove():
     model = make_model()
     ids, _ = batch()
@@ -305,6 +313,62 @@ def test_model_is_unaltered_and_hooks_go_with_remove():
         reg(lambda: model(ids), expected)
 
 
+@pytest.mark.promise("two-call-form")
+def test_the_two_call_form_runs_only_the_noisy_pass():
+    model = make_model()
+    ids, _ = batch()
+    reg = RandomPerturbationRegularizer(model)
+    calls = []
+    counter = model.register_forward_pre_hook(lambda module, args: calls.append(1))
+    clean = model(ids)
+    assert reg(lambda: model(ids), clean) > 0
+    assert len(calls) == 2  # the caller's clean pass, then one noisy pass
+    reg.pair(lambda: model(ids))
+    assert len(calls) == 4  # pair: a clean pass and a noisy pass
+    counter.remove()
+
+
+@pytest.mark.promise("remove-takes-hooks-away")
+def test_leaving_the_with_block_removes_the_hooks_even_if_it_raised():
+    model = make_model()
+    ids, _ = batch()
+    before = snapshot(model)
+    expected = model(ids)
+    with pytest.raises(KeyError, match="boom"), RandomPerturbationRegularizer(model) as reg:
+        assert reg.pair(lambda: model(ids))[1] > 0
+        assert snapshot(model)[1] != before[1]  # the hooks are on while inside
+        raise KeyError("boom")
+    assert_same_snapshot(model, before)
+    assert torch.equal(model(ids), expected)
+    with pytest.raises(RaptRegError, match="removed"):
+        reg(lambda: model(ids), expected)
+
+
+@pytest.mark.promise("generator-seeds-once")
+def test_the_generator_is_read_once_when_the_regularizer_is_built():
+    """Re-seeding the generator after construction changes nothing; seeding it differently
+    before construction does (so the comparison can fail)."""
+
+    def run(seed_at_build, reseed_after):
+        model = make_model()
+        ids, _ = batch()
+        generator = torch.Generator().manual_seed(seed_at_build)
+        reg = RandomPerturbationRegularizer(
+            model, min_layer=0, max_layer=DEPTH, generator=generator
+        )
+        if reseed_after is not None:
+            generator.manual_seed(reseed_after)
+        steps = []
+        for _ in range(4):
+            _, penalty = reg.pair(lambda: model(ids))
+            steps.append((reg.last_layer, penalty.item()))
+        return steps
+
+    assert run(5, None) == run(5, 6) == run(5, 5)
+    assert run(5, None) != run(6, None)
+
+
+@pytest.mark.promise("faults-leave-model")
 def test_exception_inside_noisy_forward_leaves_model_clean():
     model = make_model()
     ids, _ = batch()
@@ -346,6 +410,7 @@ def test_two_regularizers_on_one_model_do_not_interfere():
         h.remove()
 
 
+@pytest.mark.promise("penalty-alpha")
 def test_penalty_is_alpha_times_divergence():
     model = make_model()
     ids, _ = batch()
@@ -360,6 +425,7 @@ def test_penalty_is_alpha_times_divergence():
     assert math.isclose(values[1], 2.5 * values[0], rel_tol=1e-5)
 
 
+@pytest.mark.promise("stats", "logits-attribute")
 def test_outputs_with_logits_attribute_and_telemetry():
     model = make_model()
     ids, _ = batch()
@@ -392,6 +458,7 @@ BAD_ARGUMENTS = {
 }
 
 
+@pytest.mark.promise("refusals-name-the-fix")
 @pytest.mark.parametrize(("kwargs", "message"), BAD_ARGUMENTS.values(), ids=BAD_ARGUMENTS.keys())
 def test_bad_arguments_are_refused(kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -403,6 +470,7 @@ def test_class_instead_of_instance_is_refused():
         RandomPerturbationRegularizer(TinyTransformer)
 
 
+@pytest.mark.promise("refusals-name-the-fix")
 def test_call_time_errors():
     model = make_model()
     ids, _ = batch()
@@ -422,6 +490,7 @@ def test_call_time_errors():
         assert reg(lambda: model(ids), model(ids)) > 0
 
 
+@pytest.mark.promise("stats", "nonfinite-policy")
 def test_nonfinite_penalty_raises_or_skips():
     model = make_model()
     ids, _ = batch()
@@ -440,15 +509,20 @@ def test_nonfinite_penalty_raises_or_skips():
     assert reg.skipped_steps == 1 and reg.stats()["rapt/skipped_steps"] == 1.0
 
 
+@pytest.mark.promise("not-a-module")
 def test_regularizer_does_not_copy_or_wrap_the_model():
     model = make_model()
     reference = copy.deepcopy(model)
     reg = RandomPerturbationRegularizer(model)
     assert reg.model is model
     assert type(model) is type(reference)
+    # a plain attribute: not a module, no parameters or buffers of its own
+    assert not isinstance(reg, torch.nn.Module)
+    assert not [v for v in vars(reg).values() if isinstance(v, torch.Tensor)]
     assert "RandomPerturbationRegularizer(blocks='layers'" in repr(reg)
 
 
+@pytest.mark.promise("noise-to-hidden-ratio")
 @pytest.mark.parametrize("layer", range(DEPTH + 1))
 def test_noise_to_hidden_ratio_is_the_norm_of_the_added_noise_over_the_hidden_states(layer):
     """``||delta|| / ||h||`` at layer r, read back from the hidden states themselves.

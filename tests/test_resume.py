@@ -48,6 +48,7 @@ def _train(model, optimizer, reg, batches, form: str) -> list[int]:
     return layers
 
 
+@pytest.mark.promise("resume-bitwise")
 @pytest.mark.parametrize("generator", [True, False], ids=["generator", "global_rng"])
 @pytest.mark.parametrize("form", ["pair", "call"])
 def test_resumed_run_is_bitwise_the_uninterrupted_run(form: str, generator: bool) -> None:
@@ -85,6 +86,7 @@ def test_resumed_run_is_bitwise_the_uninterrupted_run(form: str, generator: bool
         assert torch.equal(value, straight[key]), key
 
 
+@pytest.mark.promise("resume-bitwise")
 def test_a_foreign_state_is_refused() -> None:
     _, _, reg = _fresh(True)
     with pytest.raises(RaptRegError, match="reg.state_dict"):

@@ -58,6 +58,7 @@ def _step(
 # -- mixed precision ------------------------------------------------------------------------
 
 
+@pytest.mark.promise("bf16-autocast")
 @pytest.mark.parametrize("name", ["index_loop", "bert", "llama", "t5"])
 def test_bf16_autocast_gives_a_finite_float32_penalty(name: str) -> None:
     case = CASES[name]
@@ -117,6 +118,7 @@ def _tiny(dropout: float = 0.0, seed: int = 0) -> TinyTransformer:
 _IDS = torch.randint(1, 50, (6, 8), generator=torch.Generator().manual_seed(7))
 
 
+@pytest.mark.promise("grad-accumulation")
 @pytest.mark.parametrize("set_to_none", [True, False], ids=["set_to_none", "zeroed"])
 @pytest.mark.parametrize("form", ["call", "pair"])
 def test_gradient_accumulation_sums_micro_batch_gradients(form: str, set_to_none: bool) -> None:
@@ -182,6 +184,7 @@ def test_frozen_parameters_stay_without_gradients(name: str) -> None:
         assert all(bool(g.isfinite().all()) for g in grads.values())
 
 
+@pytest.mark.promise("outputs-without-grad")
 def test_fully_frozen_model_is_refused_with_a_fix() -> None:
     model = _tiny().requires_grad_(False)
     with rapt_reg.RandomPerturbationRegularizer(model) as reg:
@@ -232,6 +235,7 @@ def _checkpoint_run(mode: Optional[str], layer: int, form: str, passes: int = 1)
     return _grads(model)
 
 
+@pytest.mark.promise("checkpoint-exact")
 @pytest.mark.parametrize("form", ["call", "pair"])
 @pytest.mark.parametrize("mode", ["reentrant", "non_reentrant"])
 def test_checkpoint_around_each_block_gives_the_same_gradients(mode: str, form: str) -> None:
@@ -247,6 +251,7 @@ def test_checkpoint_around_each_block_gives_the_same_gradients(mode: str, form: 
         _assert_grads_equal(_checkpoint_run(mode, layer, form), expected)
 
 
+@pytest.mark.promise("checkpoint-exact")
 @pytest.mark.parametrize("form", ["call", "pair"])
 @pytest.mark.parametrize("mode", ["segments_reentrant", "segments_non_reentrant"])
 def test_checkpoint_spanning_several_blocks_gives_the_same_gradients(mode: str, form: str) -> None:
@@ -259,6 +264,7 @@ def test_checkpoint_spanning_several_blocks_gives_the_same_gradients(mode: str, 
         _assert_grads_equal(_checkpoint_run(mode, layer, form), expected)
 
 
+@pytest.mark.promise("checkpoint-exact")
 @pytest.mark.parametrize("layer", [0, 2])
 def test_checkpoint_with_two_noisy_passes_before_backward(layer: int) -> None:
     _assert_grads_equal(
@@ -292,6 +298,7 @@ def _hf_run(case: ModelCase, reentrant: Optional[bool]) -> tuple[list[float], Gr
     return penalties, _grads(model)
 
 
+@pytest.mark.promise("checkpoint-exact")
 @pytest.mark.parametrize("name", HF_CASES)
 def test_transformers_gradient_checkpointing_gives_the_same_gradients(name: str) -> None:
     """``model.gradient_checkpointing_enable()`` (non-reentrant, the default), dropout on."""
@@ -305,6 +312,7 @@ def test_transformers_gradient_checkpointing_gives_the_same_gradients(name: str)
     _assert_grads_equal(grads, expected, rtol=1e-4)
 
 
+@pytest.mark.promise("checkpoint-exact")
 @pytest.mark.parametrize("name", ["bert", "t5"])
 def test_transformers_reentrant_checkpointing_gives_the_same_gradients(name: str) -> None:
     pytest.importorskip("transformers")
@@ -382,6 +390,7 @@ def _compiled_steps(
     return penalties, layers
 
 
+@pytest.mark.promise("compile")
 @pytest.mark.parametrize("backend", ["aot_eager", pytest.param("inductor", marks=pytest.mark.slow)])
 def test_compiled_after_the_regularizer_gets_the_noise(
     recompiles: _RecompileCounter, backend: str
@@ -399,6 +408,7 @@ def test_compiled_after_the_regularizer_gets_the_noise(
     assert penalties == pytest.approx(eager, rel=1e-4)
 
 
+@pytest.mark.promise("compile-recompiles")
 def test_fifty_compiled_steps_recompile_at_most_max_layer_plus_one(
     recompiles: _RecompileCounter, record_property: Callable[[str, object], None]
 ) -> None:
@@ -415,6 +425,7 @@ def test_fifty_compiled_steps_recompile_at_most_max_layer_plus_one(
     assert penalties == pytest.approx(eager, rel=1e-4)
 
 
+@pytest.mark.promise("compile-recompiles")
 @pytest.mark.parametrize(("form", "min_layer"), [("pair", 1), ("call", 0)])
 def test_fifty_compiled_steps_recompile_bound_pair_and_layer_zero(
     recompiles: _RecompileCounter,
@@ -427,6 +438,7 @@ def test_fifty_compiled_steps_recompile_bound_pair_and_layer_zero(
     assert len(recompiles.functions) <= 3 + 1, recompiles.functions
 
 
+@pytest.mark.promise("compile-refused")
 def test_compiled_and_run_before_is_refused_with_the_fix(recompiles: _RecompileCounter) -> None:
     """Hooks added after dynamo traced the model are ignored: never a silent no-op."""
     del recompiles
@@ -442,6 +454,7 @@ def test_compiled_and_run_before_is_refused_with_the_fix(recompiles: _RecompileC
     assert reg.last_noise_to_hidden_ratio > 0
 
 
+@pytest.mark.promise("wrappers-seen-through")
 def test_regularizer_sees_through_the_compiled_wrapper(recompiles: _RecompileCounter) -> None:
     del recompiles
     model = _tiny()
@@ -473,6 +486,7 @@ def test_deepcopy_of_a_model_with_hooks_is_independent() -> None:
 # -- nn.DataParallel ----------------------------------------------------------------------------
 
 
+@pytest.mark.promise("data-parallel-refused")
 def test_data_parallel_is_refused_naming_ddp() -> None:
     """Its replicas would run in threads sharing one regularizer's hooks: refused, with the fix."""
     model = _tiny()

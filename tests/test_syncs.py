@@ -36,6 +36,7 @@ def test_the_counter_sees_every_kind_of_conversion(host_syncs):  # noqa: F811
     assert "__float__" not in vars(torch.Tensor)
 
 
+@pytest.mark.promise("no-host-sync")
 @pytest.mark.parametrize("name", [*sorted(div.DIVERGENCES), "sym_kl_both_sides", "stable_kl"])
 def test_the_divergence_with_a_mask_makes_no_conversion(name):
     noisy = torch.randn(3, 5, 11, requires_grad=True)
@@ -115,6 +116,7 @@ def test_counts_per_step_are_reported():
     assert counts["standard"].made_by("rapt_reg") == []
 
 
+@pytest.mark.promise("no-host-sync")
 def test_a_rapt_step_adds_no_conversion_over_a_standard_step():
     """RAPT step minus standard step: only the model's own conversions in its second forward.
 

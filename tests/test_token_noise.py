@@ -65,6 +65,7 @@ def _noise_at(reg, model, x, layer: int, form: str, **masks) -> tuple[torch.Tens
     return (noisy - clean).movedim(batch_dim, 0), clean.movedim(batch_dim, 0)
 
 
+@pytest.mark.promise("noise-mask")
 @pytest.mark.parametrize("form", ["call", "pair"])
 @pytest.mark.parametrize("layout", ["batch_first", "seq_first"])
 def test_rapt_noise_follows_the_mask(layout: str, form: str) -> None:
@@ -77,6 +78,7 @@ def test_rapt_noise_follows_the_mask(layout: str, form: str) -> None:
     torch.testing.assert_close(sizes, torch.tensor([2.0, 2.0, 0.0]), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.promise("segment-ids")
 def test_rapt_scales_each_segment() -> None:
     model, x, _ = _setup("batch_first")
     reg = RandomPerturbationRegularizer(model, eta=0.5, min_layer=1, max_layer=1)
@@ -87,6 +89,7 @@ def test_rapt_scales_each_segment() -> None:
             torch.testing.assert_close(size, torch.tensor(0.5), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.promise("eta-scale-hidden-rms")
 @pytest.mark.parametrize("layout", ["batch_first", "seq_first"])
 def test_eta_scale_hidden_rms(layout: str) -> None:
     """Each example's noise has inf-norm eta * RMS of its hidden states over real tokens, so
@@ -102,6 +105,7 @@ def test_eta_scale_hidden_rms(layout: str) -> None:
     assert bool((delta[~MASK] == 0).all())
 
 
+@pytest.mark.promise("bad-masks-refused")
 def test_bad_masks_are_refused_before_any_forward() -> None:
     model, x, _ = _setup("batch_first")
     reg = RandomPerturbationRegularizer(model, max_layer=2)
@@ -115,6 +119,7 @@ def test_bad_masks_are_refused_before_any_forward() -> None:
         RandomPerturbationRegularizer(model, eta_scale="rms")
 
 
+@pytest.mark.promise("noise-mask")
 def test_smart_leaves_padding_alone() -> None:
     model, x, _ = _setup("batch_first")
     reg = SmartRegularizer(model, k=1, generator=torch.Generator().manual_seed(0))
@@ -131,6 +136,7 @@ def test_smart_leaves_padding_alone() -> None:
         SmartRegularizer(model, per_sequence=True).pair(lambda: model(x), segment_ids=SEGMENTS)
 
 
+@pytest.mark.promise("noise-mask")
 def test_r3f_leaves_padding_alone() -> None:
     model, x, _ = _setup("batch_first")
     reg = R3FRegularizer(model, eps=0.1, generator=torch.Generator().manual_seed(0))
@@ -142,6 +148,7 @@ def test_r3f_leaves_padding_alone() -> None:
     assert bool((delta[~MASK] == 0).all()) and bool((delta[MASK] != 0).all())
 
 
+@pytest.mark.promise("eta-scale-hidden-rms")
 def test_hidden_rms_evens_out_the_noise_to_hidden_ratio() -> None:
     """docs/noise-scale.md: at eta = 2 a fresh Llama's noise dwarfs its hidden states (BERT's
     does not); with eta_scale="hidden_rms" both get the ratio post-norm BERT gets."""

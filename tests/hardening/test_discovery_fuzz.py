@@ -43,6 +43,7 @@ def _zero_warnings(caught) -> int:
     return sum("exactly 0" in str(w.message) for w in caught)
 
 
+@pytest.mark.promise("discovery", "noise-reaches-output")
 @FUZZ
 @given(spec=specs(), form=st.sampled_from(["pair", "call"]), data=st.data())
 def test_generated_model_is_perturbed_where_it_runs_or_refused(spec, form, data):
@@ -79,6 +80,7 @@ def test_generated_model_is_perturbed_where_it_runs_or_refused(spec, form, data)
         assert hook_count(model) == 0
 
 
+@pytest.mark.promise("discovery-refusal")
 @examples(60)
 @given(
     spec=specs(require=("unused_stack",)),

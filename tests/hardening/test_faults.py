@@ -88,6 +88,7 @@ def _step(reg, model, ids, form, fault=None, site=""):
             fault.armed = False
 
 
+@pytest.mark.promise("faults-leave-model")
 @pytest.mark.parametrize("kind", [InjectedFault, InjectedInterrupt], ids=["exception", "interrupt"])
 @pytest.mark.parametrize("form", ["pair", "call"])
 @pytest.mark.parametrize("site", BLOCK_SITES + OTHER_SITES)
@@ -129,6 +130,7 @@ def test_a_fault_anywhere_in_a_step_leaves_the_model_clean(spec, form, site, kin
     assert torch.equal(model(ids), reference)
 
 
+@pytest.mark.promise("faults-leave-model")
 def test_a_fault_in_the_noisy_pass_propagates_and_changes_nothing():
     # An error inside the noisy pass (a data error, an out-of-memory the caller skips) is
     # raised as it is, once; the step after it is a normal step, with nothing turned off.
@@ -174,6 +176,7 @@ class ActivationWatch:
             handle.remove()
 
 
+@pytest.mark.promise("no-activation-outlives-step")
 @examples(20)
 @given(
     spec=_real_stack_specs(),
@@ -233,6 +236,7 @@ def _train(model, steps: int, barrier=None) -> list[tuple[int, float]]:
     return trace
 
 
+@pytest.mark.promise("threads-do-not-cross-talk")
 def test_two_threads_with_their_own_model_and_regularizer_do_not_cross_talk():
     steps, seeds = 100, (1, 2)
 
@@ -278,6 +282,7 @@ def _tensors_held(obj, skip=("model", "stacks"), seen=None) -> list[torch.Tensor
     return [t for item in items for t in _tensors_held(item, skip, seen)]
 
 
+@pytest.mark.promise("no-activation-outlives-step")
 @pytest.mark.parametrize("layer", [0, 2])
 def test_between_steps_the_regularizer_holds_nothing_the_size_of_the_hidden_states(layer):
     spec = Spec(8, 3, "list", "loop", "pre_norm", "pooled", ("layers",), (), seed=0)

@@ -41,6 +41,7 @@ def _step(reg, model, ids, form):
     return clean, reg(lambda: model(ids), clean)
 
 
+@pytest.mark.promise("numeric-edges")
 @examples(150)
 @given(
     dtype=st.sampled_from(DTYPES),
@@ -98,6 +99,7 @@ def _poisoned(model, ids, where, value, position):
     return forward
 
 
+@pytest.mark.promise("nonfinite-policy")
 @pytest.mark.parametrize("form", ["pair", "call"])
 @pytest.mark.parametrize("policy", ["raise", "skip"])
 @pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf], ids=["nan", "inf", "-inf"])
@@ -139,6 +141,7 @@ GRAD_CASES = {
 }
 
 
+@pytest.mark.promise("outputs-without-grad")
 @pytest.mark.parametrize(
     ("detach_clean", "detach_noisy", "grad", "outcome"), GRAD_CASES.values(), ids=GRAD_CASES.keys()
 )
@@ -162,6 +165,7 @@ def test_outputs_that_do_not_require_grad(detach_clean, detach_noisy, grad, outc
     assert penalty.requires_grad is (outcome == "trains")
 
 
+@pytest.mark.promise("masked-positions-left-out")
 def test_nan_at_a_masked_out_position_is_left_out():
     spec = _spec(head="token")
     model = build(spec)
@@ -178,6 +182,7 @@ def test_nan_at_a_masked_out_position_is_left_out():
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
 
 
+@pytest.mark.promise("bad-outputs-refused")
 @pytest.mark.parametrize("dtype", [torch.int64, torch.bool], ids=["int64", "bool"])
 @pytest.mark.parametrize("grad", [True, False], ids=["grad", "no_grad"])
 def test_integer_and_boolean_outputs_are_refused_naming_the_dtype(dtype, grad):
@@ -193,6 +198,7 @@ def test_integer_and_boolean_outputs_are_refused_naming_the_dtype(dtype, grad):
         reg(labels, labels())
 
 
+@pytest.mark.promise("bad-outputs-refused")
 def test_shape_mismatch_is_a_rapt_reg_error_naming_both_shapes():
     spec = _spec()
     model = build(spec)
@@ -201,6 +207,7 @@ def test_shape_mismatch_is_a_rapt_reg_error_naming_both_shapes():
         reg(lambda: model(ids_for(spec)), model(ids_for(spec))[:1])
 
 
+@pytest.mark.promise("zero-penalty-warning")
 def test_noise_rounded_away_in_bfloat16_is_announced_once():
     # eta=1e-3 on hidden states of size ~4: most of the noise is below bf16's spacing there,
     # and on some steps all of it, or its effect on the logits, rounds away.
@@ -217,6 +224,7 @@ def test_noise_rounded_away_in_bfloat16_is_announced_once():
     assert len(said) == 1 and "bfloat16" in str(said[0].message)
 
 
+@pytest.mark.promise("zero-penalty-warning")
 @pytest.mark.parametrize("nothing", ["all_masked", "empty_batch"])
 def test_a_step_with_nothing_to_compare_does_not_use_up_the_zero_warning(nothing):
     # An all-padding batch (or an empty one) gives 0 by definition: no noise went missing. The

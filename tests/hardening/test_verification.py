@@ -44,6 +44,7 @@ def _real_stack_specs(**kwargs):
     return specs(distractors=QUIET, **kwargs).filter(lambda s: expected(s).outcome == "perturbs")
 
 
+@pytest.mark.promise("fewer-calls-refused")
 @examples(25)
 @given(spec=specs(distractors=PLAIN_DISTRACTORS, require=("unused_stack",)), extra=st.data())
 def test_a_layer_beyond_the_calls_the_forward_makes_is_refused(spec, extra):
@@ -62,6 +63,7 @@ def test_a_layer_beyond_the_calls_the_forward_makes_is_refused(spec, extra):
     reg.remove()
 
 
+@pytest.mark.promise("noise-reaches-output")
 @examples(25)
 @given(spec=_real_stack_specs(), how=st.sampled_from(["cached_output", "copy_of_model"]))
 def test_a_noisy_forward_that_does_not_run_the_model_is_refused(spec, how):
@@ -79,6 +81,7 @@ def test_a_noisy_forward_that_does_not_run_the_model_is_refused(spec, how):
     reg.remove()
 
 
+@pytest.mark.promise("noise-reaches-output", "compile-refused")
 def test_a_model_compiled_before_the_regularizer_is_refused_naming_torch_compile():
     spec = _spec()
     model = build(spec)
@@ -94,6 +97,7 @@ def test_a_model_compiled_before_the_regularizer_is_refused_naming_torch_compile
         torch._dynamo.reset()
 
 
+@pytest.mark.promise("pair-equals-two-calls")
 @examples(60)
 @given(spec=_real_stack_specs(), seed=st.integers(0, 2**32 - 1))
 def test_pair_equals_two_passes(spec, seed):
@@ -112,6 +116,7 @@ def test_pair_equals_two_passes(spec, seed):
     reg.remove()
 
 
+@pytest.mark.promise("eval-mode")
 @examples(30)
 @given(
     spec=_real_stack_specs(),
@@ -160,6 +165,7 @@ def test_eval_mode_gives_zero_without_a_noisy_pass_and_says_so_once(spec, steps)
     reg.remove()
 
 
+@pytest.mark.promise("discovery")
 def test_the_ambiguity_error_lists_every_stack_that_ran():
     # A probe stack runs first, then the real blocks, then attention adapters.
     spec = _spec(distractors=(("aux_stack", ("probe",), 1), ("attn_adapters", ("adapters",), 2)))
@@ -170,6 +176,7 @@ def test_the_ambiguity_error_lists_every_stack_that_ran():
     assert all(f"'{path}'" in str(caught.value) for path in ("probe", "layers", "adapters"))
 
 
+@pytest.mark.promise("zero-penalty-warning")
 @pytest.mark.parametrize("how", ["prefer", "blocks"])
 def test_noise_in_a_stack_whose_output_is_thrown_away_is_announced_once(how):
     # `prefer="encoder"` keeps encoder.probe, which runs but whose output the model discards
