@@ -350,3 +350,16 @@ def test_backward_keeps_only_the_logits_themselves():
     assert {t.data_ptr() for t in logits} == {noisy.data_ptr(), clean.data_ptr()}
     others = [t for t in saved if not t.is_floating_point()]
     assert len(saved) == 3 and [(t.dtype, t.numel()) for t in others] == [(torch.bool, 32)]
+
+
+@pytest.mark.promise("divergences")
+@pytest.mark.parametrize("name", sorted(REFERENCES))
+def test_per_position_functions_take_any_leading_dimensions(name):
+    """Called on their own (not through reduce_divergence, which flattens to [positions, C]),
+    the formulas reduce over the class dimension of [batch, seq, C] logits, per position."""
+    fn, reference = REFERENCES[name]
+    gen = torch.Generator().manual_seed(3)
+    a, b = (torch.randn(2, 3, 5, generator=gen, dtype=torch.float64) for _ in range(2))
+    values = fn(a, b)
+    assert values.shape == (2, 3)
+    torch.testing.assert_close(values, reference(a, b), rtol=1e-12, atol=1e-12)

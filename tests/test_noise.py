@@ -6,7 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from rapt_reg import RaptRegError
-from rapt_reg.noise import hidden_rms, sample_noise, scale_noise
+from rapt_reg.noise import hidden_rms, sample_noise, scale_noise, token_mask_like
 
 shapes = st.lists(st.integers(1, 6), min_size=1, max_size=4).map(tuple)
 dtypes = st.sampled_from([torch.float32, torch.float64, torch.bfloat16, torch.float16])
@@ -346,3 +346,100 @@ def test_masked_scaling_makes_no_host_syncs(monkeypatch):
         masks = dict(batch_dim=1, noise_mask=mask, segment_ids=ids)
         scale = hidden_rms(hidden, **masks)
         sample_noise(hidden.shape, eta=2.0, norm=norm, scale=scale, **masks)
+
+
+# -- the helpers on their own (each case below failed a mutant of scripts/mutation.py) ---------
+
+
+@pytest.mark.parametrize("batch_dim", [0, 1, -2])
+def test_token_mask_like_follows_the_layout(batch_dim):
+    mask = torch.tensor([[True, False, True], [False, True, True]])  # [batch 2, seq 3]
+    shape = (2, 3, 4) if batch_dim == 0 else (3, 2, 4)
+    keep = token_mask_like(mask, torch.zeros(shape), batch_dim)
+    assert keep.dtype == torch.bool and keep.shape == (*shape[:2], 1)
+    assert torch.equal(keep[..., 0], mask if batch_dim == 0 else mask.t())
+
+
+def test_token_mask_like_refuses_a_mask_of_another_shape():
+    with pytest.raises(RaptRegError, match=r"noise_mask has shape \(2, 2\)"):
+        token_mask_like(torch.ones(2, 2, dtype=torch.bool), torch.zeros(2, 3, 4))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("masked", [False, True])
+def test_hidden_rms_of_half_precision_is_float32(dtype, masked):
+    hidden = torch.randn(2, 3, 4, generator=torch.Generator().manual_seed(0)).to(dtype)
+    mask = torch.tensor([[True, True, False], [True, False, False]])
+    rms = hidden_rms(hidden, noise_mask=mask if masked else None)
+    assert rms.dtype == torch.float32
+    exact = hidden.double()
+    keep = mask if masked else torch.ones(2, 3, dtype=torch.bool)
+    expected = torch.stack([exact[b][keep[b]].square().mean().sqrt() for b in range(2)])
+    torch.testing.assert_close(rms.flatten().double(), expected, rtol=1e-6, atol=0)
+
+
+def test_hidden_rms_of_one_number_per_example_is_its_size():
+    torch.testing.assert_close(hidden_rms(torch.tensor([3.0, -4.0])), torch.tensor([3.0, 4.0]))
+
+
+@pytest.mark.parametrize("per_token", [False, True])
+def test_hidden_rms_of_scalar_positions_with_a_mask(per_token):
+    """Hidden states [batch, seq] (no feature dims): the RMS over each example's real tokens."""
+    hidden = torch.tensor([[3.0, 4.0, 100.0], [1.0, -1.0, 7.0]])
+    mask = torch.tensor([[True, True, False], [True, True, True]])
+    rms = hidden_rms(hidden, noise_mask=mask, per_token=per_token)
+    if per_token:
+        expected = torch.where(mask, hidden.abs(), 0.0)
+    else:
+        expected = torch.tensor([[12.5**0.5], [17.0**0.5]])
+    torch.testing.assert_close(rms, expected)
+
+
+def test_hidden_rms_per_token_with_a_mask_and_segments():
+    hidden = torch.tensor([[[3.0, 4.0], [1.0, 1.0], [6.0, 8.0]]])
+    mask = torch.tensor([[True, True, False]])
+    ids = torch.tensor([[0, 0, 1]])
+    expected = torch.tensor([12.5, 1.0, 0.0]).sqrt().reshape(1, 3, 1)
+    torch.testing.assert_close(hidden_rms(hidden, per_token=True, noise_mask=mask), expected)
+    torch.testing.assert_close(
+        hidden_rms(hidden, per_token=True, noise_mask=mask, segment_ids=ids), expected
+    )
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"noise_mask": torch.ones(2, 5, dtype=torch.bool)}, r"noise_mask has shape \(2, 5\)"),
+        ({"segment_ids": torch.zeros(3, 2, dtype=torch.long)}, r"segment_ids has shape \(3, 2\)"),
+    ],
+    ids=["mask", "ids"],
+)
+def test_hidden_rms_refuses_masks_of_another_shape(kwargs, match):
+    with pytest.raises(RaptRegError, match=match):
+        hidden_rms(torch.randn(2, 3, 4), **kwargs)
+
+
+@pytest.mark.parametrize("norm", ["inf", "l2"])
+def test_masked_scaling_of_scalar_positions(norm):
+    """Noise [batch, seq] (no feature dims): each example's norm over its real tokens is eta."""
+    delta = torch.tensor([[3.0, -4.0, 5.0], [1.0, 2.0, -2.0]])
+    mask = torch.tensor([[True, True, False], [True, True, True]])
+    scaled = scale_noise(delta, eta=2.0, norm=norm, noise_mask=mask)
+    sizes = torch.tensor([[4.0], [2.0]]) if norm == "inf" else torch.tensor([[5.0], [3.0]])
+    torch.testing.assert_close(scaled, torch.where(mask, delta * 2.0 / sizes, 0.0))
+
+
+def test_masks_made_on_the_cpu_work_on_the_hidden_states_device():
+    """torch's "meta" device stands in for a GPU (shapes only, no data): masks given on the CPU
+    are moved to the hidden states' device, and every result lives there."""
+    hidden = torch.empty(3, 2, 4, device="meta")  # [seq, batch, hidden]
+    masks = dict(
+        batch_dim=1,
+        noise_mask=torch.tensor([[True, True, False], [True, False, True]]),
+        segment_ids=torch.tensor([[0, 0, 1], [2, 2, 2]]),
+    )
+    assert token_mask_like(masks["noise_mask"], hidden, 1).device == hidden.device
+    assert hidden_rms(hidden, **masks).device == hidden.device
+    assert hidden_rms(hidden, per_token=True, **masks).device == hidden.device
+    for norm in ("inf", "l2", None):
+        assert scale_noise(hidden, eta=1.0, norm=norm, **masks).device == hidden.device
