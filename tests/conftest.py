@@ -27,6 +27,11 @@ if os.environ.get("RAPT_REG_TEST_INSTALLED") == "1":
         )
 
 
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    if os.environ.get("RAPT_REG_MUTATION") == "1" and item.get_closest_marker("slow_for_mutation"):
+        pytest.skip("left out of mutation runs (scripts/mutation.py): seconds per mutant")
+
+
 def pytest_report_header() -> str:
     return f"rapt_reg {rapt_reg.__version__} imported from {IMPORTED_FROM}"
 

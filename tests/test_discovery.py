@@ -41,7 +41,13 @@ def test_sequence_first_layout_sets_batch_dim():
 @pytest.mark.promise("wrappers-seen-through")
 @pytest.mark.parametrize(
     "wrap",
-    [nn.DataParallel, torch.compile, lambda m: nn.DataParallel(torch.compile(m))],
+    [
+        nn.DataParallel,
+        pytest.param(torch.compile, marks=pytest.mark.slow_for_mutation),
+        pytest.param(
+            lambda m: nn.DataParallel(torch.compile(m)), marks=pytest.mark.slow_for_mutation
+        ),
+    ],
     ids=["data-parallel", "compiled", "both"],
 )
 def test_sees_through_wrappers(wrap):

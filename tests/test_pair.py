@@ -133,6 +133,7 @@ def _moe(kind: str) -> nn.Module:
 
 
 @pytest.mark.promise("pair-equals-two-calls")
+@pytest.mark.slow_for_mutation
 @pytest.mark.parametrize("kind", ["mixtral", "qwen2_moe"])
 def test_moe_router_logits_and_aux_loss_equal_the_two_call_form(kind):
     torch.manual_seed(0)

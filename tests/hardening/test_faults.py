@@ -237,6 +237,7 @@ def _train(model, steps: int, barrier=None) -> list[tuple[int, float]]:
 
 
 @pytest.mark.promise("threads-do-not-cross-talk")
+@pytest.mark.slow_for_mutation
 def test_two_threads_with_their_own_model_and_regularizer_do_not_cross_talk():
     steps, seeds = 100, (1, 2)
 

@@ -82,6 +82,7 @@ def test_a_noisy_forward_that_does_not_run_the_model_is_refused(spec, how):
 
 
 @pytest.mark.promise("noise-reaches-output", "compile-refused")
+@pytest.mark.slow_for_mutation
 def test_a_model_compiled_before_the_regularizer_is_refused_naming_torch_compile():
     spec = _spec()
     model = build(spec)
