@@ -1,5 +1,7 @@
 """Divergences: >= 0, zero on equal outputs, MT-DNN's symmetric KL, float32 under autocast."""
 
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -303,6 +305,10 @@ def test_default_chunks_are_sized_by_bytes_and_bounded_in_number():
     assert div.chunk_rows(16384, 128256) == 256  # 1/64 of the positions
     assert div.chunk_rows(16, 2) == div.CHUNK_BYTES // 8  # small outputs: one chunk
     assert div.chunk_rows(10, 10**9) == 1
+    assert div.chunk_rows(0, 10**9) == 1  # never 0 rows (a range step), even with no position
+    assert div.chunk_rows(10, 1) == div.CHUNK_BYTES // 4  # one class: 4 bytes per row
+    rows = div.chunk_rows(10**9 + 1, 32000)  # 1/64 of the positions, rounded up, an int
+    assert rows == 15625001 and isinstance(rows, int)
 
 
 def test_all_false_mask_gives_zero_and_zero_gradients():
@@ -363,3 +369,15 @@ def test_per_position_functions_take_any_leading_dimensions(name):
     values = fn(a, b)
     assert values.shape == (2, 3)
     torch.testing.assert_close(values, reference(a, b), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", sorted(REFERENCES))
+def test_no_warning_on_value_or_gradients(name):
+    """Built-in divergences run warning-free (users run with -W error): e.g. a softmax without
+    an explicit dim warns in torch."""
+    fn, _ = REFERENCES[name]
+    noisy, clean = (torch.randn(2, 3, 5, requires_grad=True) for _ in range(2))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        value = div.reduce_divergence(fn, noisy, clean, chunk_positions=2)
+        value.backward()
