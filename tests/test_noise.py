@@ -443,3 +443,44 @@ def test_masks_made_on_the_cpu_work_on_the_hidden_states_device():
     assert hidden_rms(hidden, per_token=True, **masks).device == hidden.device
     for norm in ("inf", "l2", None):
         assert scale_noise(hidden, eta=1.0, norm=norm, **masks).device == hidden.device
+
+
+def test_unscaled_noise_with_masks_zeroes_padding_only():
+    """norm=None: padding zeroed, real tokens untouched; segments alone change nothing."""
+    delta = torch.randn(3, 2, 4, generator=torch.Generator().manual_seed(1))  # [seq, batch, C]
+    mask = torch.tensor([[True, False, True], [True, True, False]])  # [batch, seq]
+    out = scale_noise(delta, eta=5.0, norm=None, batch_dim=1, noise_mask=mask)
+    assert torch.equal(out, torch.where(mask.t()[..., None], delta, 0.0))
+    ids = torch.tensor([[0, 0, 1], [0, 1, 1]])
+    assert torch.equal(scale_noise(delta, eta=5.0, norm=None, batch_dim=1, segment_ids=ids), delta)
+
+
+def test_default_sigma_is_one():
+    raw = sample_noise((2, 3, 4), eta=1.0, norm=None, generator=torch.Generator().manual_seed(5))
+    assert torch.equal(raw, torch.randn(2, 3, 4, generator=torch.Generator().manual_seed(5)))
+
+
+def test_noise_is_drawn_where_its_generator_lives_and_returned_on_device(monkeypatch):
+    """Drawn on ``device`` (no host-to-device copy), or on the generator's device when one is
+    given; returned on ``device`` either way ("meta" stands in for a GPU)."""
+    drawn = []
+    randn = torch.randn
+
+    def spy(*args, **kwargs):
+        drawn.append(torch.device(kwargs.get("device") or "cpu"))
+        return randn(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "randn", spy)
+    meta = torch.device("meta")
+    scale = torch.ones(2, 1, 1)
+    assert sample_noise((2, 3, 4), eta=1.0, device=meta, scale=scale).device == meta
+    generator = torch.Generator().manual_seed(0)
+    assert sample_noise((2, 3, 4), eta=1.0, device=meta, generator=generator).device == meta
+    assert drawn == [meta, generator.device]
+
+
+def test_scale_multiplies_in_the_working_dtype_before_the_cast():
+    shape, scale = (4, 8, 16), torch.full((4, 1, 1), 1 / 3, dtype=torch.float64)
+    noise = sample_noise(shape, eta=0.7, scale=scale, generator=torch.Generator().manual_seed(2))
+    raw = torch.randn(shape, generator=torch.Generator().manual_seed(2))
+    assert torch.equal(noise, scale_noise(raw, eta=0.7) * scale.float())
