@@ -1,6 +1,7 @@
 """RandomPerturbationRegularizer against a hand-written Algorithm 1, and its contract."""
 
 import copy
+import inspect
 import json
 import math
 import random
@@ -818,13 +819,18 @@ ZERO_PENALTY = (
 
 
 def zero_penalty_warnings(reg, steps=2, mask=None):
+    """The warnings of ``steps`` steps, each followed by a read of the deferred checks."""
     x = torch.ones(2, 4)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         for _ in range(steps):
             reg.pair(lambda: reg.model(x), mask=mask)
+            READ_LINE[:] = [inspect.currentframe().f_lineno + 1]
             reg.skipped_steps  # noqa: B018 (reads the deferred checks)
     return caught
+
+
+READ_LINE = []
 
 
 @pytest.mark.promise("zero-penalty-warning")
@@ -837,7 +843,7 @@ def test_an_exactly_zero_penalty_is_said_once_word_for_word(blocks, where):
     reg = RandomPerturbationRegularizer(model, blocks=blocks, eta=1.0, max_layer=2)
     caught = zero_penalty_warnings(reg, steps=3)
     assert [str(w.message) for w in caught] == [ZERO_PENALTY.format(1.0, where)]
-    assert caught[0].filename == __file__
+    assert (caught[0].filename, caught[0].lineno) == (__file__, READ_LINE[0])
 
 
 @pytest.mark.parametrize("kwargs", [{"eta": 0.0}, {"alpha": 0.0}])
@@ -947,6 +953,36 @@ def test_pair_refuses_bad_token_masks_before_running_the_forward():
     model = make_model()
     reg = RandomPerturbationRegularizer(model)
     calls = []
-    with pytest.raises(RaptRegError):
-        reg.pair(lambda: calls.append(1), noise_mask=torch.ones(3, 6))
+    for masks in ({"noise_mask": torch.ones(3, 6)}, {"segment_ids": torch.ones(3, 6)}):
+        with pytest.raises(RaptRegError):
+            reg.pair(lambda: calls.append(1), **masks)  # noqa: B023
     assert calls == []
+
+
+def test_load_state_dict_restores_the_skipped_count_and_drops_pending_checks():
+    model = make_model()
+    ids, _ = batch()
+    clean = model(ids).detach().clone()
+    clean[0, 0] = float("nan")
+    reg = RandomPerturbationRegularizer(model, nonfinite="skip")
+    for _ in range(3):
+        reg(lambda: model(ids), clean)
+    state = reg.state_dict()
+    assert state["format"] == 1 and state["skipped_steps"] == 3
+    other = RandomPerturbationRegularizer(model, nonfinite="skip")
+    other(lambda: model(ids), clean)  # pending, not yet read
+    other.load_state_dict(state)
+    assert other.skipped_steps == 3
+
+
+def test_a_regularizer_without_blocks_follows_the_model_training_flag():
+    from rapt_reg import R3FRegularizer
+
+    model = make_model()
+    ids, _ = batch()
+    reg = R3FRegularizer(model)
+    assert reg.pair(lambda: model(ids))[1] > 0
+    assert list(reg.stats()) == ["r3f/noise_to_hidden_ratio", "r3f/skipped_steps"]
+    model.eval()
+    with pytest.warns(UserWarning, match="R3FRegularizer adds noise only in training mode"):
+        assert reg.pair(lambda: model(ids))[1].item() == 0.0
