@@ -1,8 +1,11 @@
 """RandomPerturbationRegularizer against a hand-written Algorithm 1, and its contract."""
 
 import copy
+import inspect
+import json
 import math
 import random
+import re
 import warnings
 from collections import Counter
 
@@ -12,6 +15,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from models import TinyTransformer
+from torch import nn
 
 from rapt_reg import RandomPerturbationRegularizer, RaptRegError
 
@@ -550,3 +554,435 @@ def test_noise_to_hidden_ratio_is_the_norm_of_the_added_noise_over_the_hidden_st
     expected = (delta.norm() / hidden.norm()).item()
     assert reg.last_noise_to_hidden_ratio == pytest.approx(expected, rel=1e-5)
     assert reg.stats()["rapt/noise_to_hidden_ratio"] == pytest.approx(expected, rel=1e-5)
+
+
+# -- the whole text of every refusal and warning (they say what was wrong and how to fix it) ----
+
+
+def refused(message):
+    return pytest.raises(RaptRegError, match="^" + re.escape(message) + "$")
+
+
+class TwoDepths(nn.Module):
+    """Two stacks of different depths; ``use`` picks the ones the forward runs."""
+
+    def __init__(self, use=("a", "b")):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.b = TinyTransformer(depth=3), TinyTransformer(depth=5)
+        self.use = use
+
+    def forward(self, ids):
+        return sum(getattr(self, name)(ids) for name in self.use)
+
+
+class IgnoresBlocks(nn.Module):
+    """Runs its blocks but returns logits that do not depend on them: the penalty is 0."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.layers = nn.ModuleList(nn.Linear(4, 4) for _ in range(2))
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x):
+        h = x
+        for layer in self.layers:
+            h = layer(h)
+        return self.head(x)
+
+
+def first_two_blocks(model):
+    return [model.layers[0], model.layers[1]]
+
+
+MODEL_CLASS = f"<class '{TinyTransformer.__module__}.TinyTransformer'>"
+CONSTRUCTOR_MESSAGES = {
+    "class": (
+        lambda m: RandomPerturbationRegularizer(TinyTransformer),
+        f"model must be an nn.Module instance, got {MODEL_CLASS}: instantiate it first",
+    ),
+    "not-a-module": (
+        lambda m: RandomPerturbationRegularizer(3),
+        "model must be an nn.Module instance, got 3",
+    ),
+    "data-parallel": (
+        lambda m: RandomPerturbationRegularizer(nn.DataParallel(m)),
+        "nn.DataParallel is not supported: its replicas run in threads that would share this "
+        "regularizer's hooks and noise. Use DistributedDataParallel (one process per device, "
+        "torch.distributed) and build the regularizer on the DDP model.",
+    ),
+    "nonfinite": ({"nonfinite": "zero"}, "unknown nonfinite='zero': use one of ('raise', 'skip')"),
+    "generator": (
+        {"generator": 3},
+        "generator must be a CPU torch.Generator (noise is seeded from it)",
+    ),
+    "alpha-string": ({"alpha": "1"}, "alpha must be a number, got '1'"),
+    "alpha-bool": ({"alpha": True}, "alpha must be a number, got True"),
+    "alpha-inf": ({"alpha": float("inf")}, "alpha must be finite and >= 0, got inf"),
+    "eta-negative": ({"eta": -1.0}, "eta must be finite and >= 0, got -1.0"),
+    "sigma-nan": ({"sigma": float("nan")}, "sigma must be finite and >= 0, got nan"),
+    "max-negative": ({"max_layer": -1}, "max_layer must be an int >= 0, got -1"),
+    "min-bool": ({"min_layer": True}, "min_layer must be an int >= 0, got True"),
+    "min-float": ({"min_layer": 1.0}, "min_layer must be an int >= 0, got 1.0"),
+    "min-above-max": ({"min_layer": 3, "max_layer": 2}, "min_layer=3 is greater than max_layer=2"),
+    "norm": ({"norm": "l1"}, "unknown norm 'l1': use one of ('inf', 'l2', None)"),
+    "batch-dim-negative": ({"batch_dim": -1}, "batch_dim must be None or an int >= 0, got -1"),
+    "batch-dim-bool": ({"batch_dim": True}, "batch_dim must be None or an int >= 0, got True"),
+    "batch-dim-float": ({"batch_dim": 0.0}, "batch_dim must be None or an int >= 0, got 0.0"),
+    "eta-scale": (
+        {"eta_scale": "max"},
+        "unknown eta_scale 'max': use one of ('absolute', 'hidden_rms')",
+    ),
+    "max-beyond-depth": (
+        {"max_layer": 5},
+        "max_layer=5 but the model has 4 blocks ('layers'): use max_layer <= 4",
+    ),
+    "max-beyond-listed-blocks": (
+        lambda m: RandomPerturbationRegularizer(m, blocks=first_two_blocks(m), max_layer=3),
+        "max_layer=3 but the model has 2 blocks ('layers.0'): use max_layer <= 2",
+    ),
+    "max-beyond-the-deepest-of-two-stacks": (
+        lambda m: RandomPerturbationRegularizer(TwoDepths(), prefer=None, max_layer=6),
+        "max_layer=6 but the model has 5 blocks ('a.layers', 'b.layers'): use max_layer <= 5",
+    ),
+}
+
+
+@pytest.mark.promise("refusals-name-the-fix")
+@pytest.mark.parametrize("case", CONSTRUCTOR_MESSAGES, ids=list(CONSTRUCTOR_MESSAGES))
+def test_constructor_refusals_say_what_was_wrong_word_for_word(case):
+    build, message = CONSTRUCTOR_MESSAGES[case]
+    if isinstance(build, dict):
+        kwargs = build
+        build = lambda m: RandomPerturbationRegularizer(m, **kwargs)  # noqa: E731
+    with refused(message):
+        build(make_model())
+
+
+def test_max_layer_is_checked_again_against_the_stack_that_ran():
+    model = TwoDepths(use=("a",))
+    ids, _ = batch()
+    reg = RandomPerturbationRegularizer(model, prefer=None, min_layer=1, max_layer=5)
+    with refused("max_layer=5 but the model has 3 blocks ('a.layers'): use max_layer <= 3"):
+        reg.pair(lambda: model(ids))
+    ok = RandomPerturbationRegularizer(TwoDepths(use=("b",)), prefer=None, max_layer=5)
+    ok.pair(lambda: ok.model(ids))
+    assert ok.stack.path == "b.layers" and ok.last_layer <= 5
+
+
+NO_BLOCK_RAN = (
+    "the noise did not reach the model: no block of {} ran during the noisy pass. Likely "
+    "causes: (1) the model was compiled with torch.compile and run before this regularizer "
+    "was built, so its graph ignores the hooks - build the regularizer first, or call "
+    "torch._dynamo.reset(); (2) the forward uses other modules than these - pass "
+    "blocks='<dotted path>'; (3) noisy_forward did not run the model."
+)
+
+
+@pytest.mark.promise("refusals-name-the-fix")
+def test_call_refusals_say_what_was_wrong_word_for_word():
+    model = make_model()
+    ids, _ = batch()
+    reg = RandomPerturbationRegularizer(model)
+    clean = model(ids)
+    with refused(
+        "noisy_forward must be a zero-argument callable, got Tensor: pass lambda: model(**batch)"
+    ):
+        reg(clean, clean)
+    with refused(
+        "forward must be a zero-argument callable, got Tensor: pass lambda: model(**batch)"
+    ):
+        reg.pair(clean)
+    with refused(
+        "cannot find logits in a list: the forward must return a tensor [..., C] or an object "
+        "with a .logits tensor (wrap it: lambda: model(x)[0])"
+    ):
+        reg(lambda: model(ids), [clean])
+    with refused(NO_BLOCK_RAN.format("'layers'")):
+        reg(lambda: clean * 2, clean)
+    with refused(
+        "neither output requires grad, so the penalty cannot train anything: are the "
+        "parameters frozen, or was the clean pass run under torch.no_grad()? (To only log the "
+        "penalty, call the regularizer under torch.no_grad().)"
+    ):
+        reg(lambda: model(ids).detach(), clean.detach())
+    for state in ({"rng": 1}, {"format": 2, "rng": 1}, [("format", 1)]):
+        with refused("not a rapt_reg state dict (expected the dict returned by reg.state_dict())"):
+            reg.load_state_dict(state)
+
+    listed = RandomPerturbationRegularizer(model, blocks=first_two_blocks(model), max_layer=2)
+    with refused(NO_BLOCK_RAN.format("'layers.0,layers.1'")):
+        listed(lambda: clean * 2, clean)
+    two = RandomPerturbationRegularizer(TwoDepths(), prefer=None)
+    with refused(NO_BLOCK_RAN.format("'a.layers', 'b.layers'")):
+        two(lambda: clean * 2, clean)
+
+    deep = RandomPerturbationRegularizer(model, min_layer=3, max_layer=3)
+    with refused(
+        "the noise did not reach the model: layer 3 was chosen but the noisy pass made only 1 "
+        "block calls of 'layers'. Use max_layer <= 1, or pass blocks= naming the stack this "
+        "forward runs."
+    ):
+        deep(lambda: model.head(model.layers[0](torch.ones(3, 6, 16)).mean(1)), clean)
+    from rapt_reg import R3FRegularizer
+
+    with refused("R3FRegularizer does not perturb a stack of blocks"):
+        R3FRegularizer(model).stack  # noqa: B018
+
+
+@pytest.mark.promise("nonfinite-policy")
+def test_the_nonfinite_error_counts_the_bad_steps_among_the_checked_ones():
+    model = make_model()
+    ids, _ = batch()
+    reg = RandomPerturbationRegularizer(model)
+    for scale in (float("nan"), 1.0, float("inf")):
+        reg(lambda: model(ids) * scale, model(ids))  # noqa: B023
+    with refused(
+        "the RandomPerturbationRegularizer penalty was NaN/inf in 2 of the last 3 steps (those "
+        "steps' penalty was replaced by 0 and reached no weight): the noisy or the clean output "
+        "holds NaN/inf. Check the clean loss and the learning rate, lower eta, or pass "
+        "nonfinite='skip' to skip such steps."
+    ):
+        reg.stats()
+    assert reg.skipped_steps == 2  # counted, and read only once
+    assert reg.stats()["rapt/skipped_steps"] == 2.0
+
+
+def test_a_nonfinite_step_gives_every_weight_a_zero_gradient():
+    model = make_model()
+    ids, _ = batch()
+    reg = RandomPerturbationRegularizer(model, nonfinite="skip")
+    clean = model(ids).detach().clone()
+    clean[1, 2] = float("nan")
+    penalty = reg(lambda: model(ids), clean)
+    assert penalty.item() == 0.0
+    penalty.backward()
+    touched = [p.grad for p in model.parameters() if p.grad is not None]
+    assert touched and all(torch.equal(g, torch.zeros_like(g)) for g in touched)
+    assert reg.skipped_steps == 1
+
+
+def test_deferred_checks_are_read_every_check_every_calls():
+    from rapt_reg.regularizer import CHECK_EVERY
+
+    assert CHECK_EVERY == 100  # documented in the nonfinite argument
+    model = TinyTransformer(depth=1, dim=4, heads=1).train()
+    ids, _ = batch(size=1, length=2)
+    reg = RandomPerturbationRegularizer(model, max_layer=1)
+    clean = model(ids)
+    with torch.no_grad():
+        for _ in range(CHECK_EVERY):
+            reg(lambda: model(ids) * float("nan"), clean)
+        # the 101st call reads the 100 pending checks first
+        with pytest.raises(RaptRegError, match="NaN/inf in 100 of the last 100 steps"):
+            reg(lambda: model(ids), clean)
+
+
+@pytest.mark.promise("eval-mode")
+def test_the_eval_mode_warning_word_for_word_points_at_the_caller():
+    model = make_model().eval()
+    ids, _ = batch()
+    reg = RandomPerturbationRegularizer(model)
+    with pytest.warns(UserWarning) as caught:
+        reg(lambda: model(ids), model(ids))
+    (warning,) = caught
+    assert str(warning.message) == (
+        "the model is in eval mode: RandomPerturbationRegularizer adds noise only in training "
+        "mode, so the penalty is 0 (call model.train() to regularize). This is said once."
+    )
+    assert warning.filename == __file__
+
+
+@pytest.mark.parametrize(
+    ("dtype", "expected"),
+    [(torch.bfloat16, torch.float32), (torch.float16, torch.float32), (torch.float64, None)],
+)
+def test_the_eval_mode_zero_has_the_logits_device_and_at_least_float32(dtype, expected):
+    reg = RandomPerturbationRegularizer(make_model().eval())
+    clean = torch.zeros(2, 3, dtype=dtype, device="meta")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        penalty = reg(lambda: clean, clean)
+    assert penalty.shape == () and penalty.device.type == "meta"
+    assert penalty.dtype == (expected or dtype)
+    real = reg(lambda: clean, torch.ones(2, 3, dtype=dtype))
+    assert real.item() == 0.0
+
+
+ZERO_PENALTY = (
+    "the RAPT penalty was exactly 0 although noise of size eta={} was added to {}: either "
+    "the output does not depend on that stack (pass blocks= naming the blocks whose output the "
+    "model uses), or the noise is below the resolution of the hidden states' dtype, e.g. "
+    "bfloat16 (raise eta, or train in float32 with autocast). This is said once."
+)
+
+
+def zero_penalty_warnings(reg, steps=2, mask=None):
+    """The warnings of ``steps`` steps, each followed by a read of the deferred checks."""
+    x = torch.ones(2, 4)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(steps):
+            reg.pair(lambda: reg.model(x), mask=mask)
+            READ_LINE[:] = [inspect.currentframe().f_lineno + 1]
+            reg.skipped_steps  # noqa: B018 (reads the deferred checks)
+    return caught
+
+
+READ_LINE = []
+
+
+@pytest.mark.promise("zero-penalty-warning")
+@pytest.mark.parametrize(
+    ("blocks", "where"), [("layers", "'layers'"), (first_two_blocks, "'layers.0,layers.1'")]
+)
+def test_an_exactly_zero_penalty_is_said_once_word_for_word(blocks, where):
+    model = IgnoresBlocks().train()
+    blocks = blocks(model) if callable(blocks) else blocks
+    reg = RandomPerturbationRegularizer(model, blocks=blocks, eta=1.0, max_layer=2)
+    caught = zero_penalty_warnings(reg, steps=3)
+    assert [str(w.message) for w in caught] == [ZERO_PENALTY.format(1.0, where)]
+    assert (caught[0].filename, caught[0].lineno) == (__file__, READ_LINE[0])
+
+
+@pytest.mark.parametrize("kwargs", [{"eta": 0.0}, {"alpha": 0.0}])
+def test_a_zero_penalty_asked_for_is_not_warned_about(kwargs):
+    model = IgnoresBlocks().train()
+    reg = RandomPerturbationRegularizer(model, blocks="layers", max_layer=2, **kwargs)
+    assert zero_penalty_warnings(reg) == []
+
+
+def test_no_zero_penalty_warning_for_a_real_penalty_or_a_fully_masked_batch():
+    model = make_model(token_level=True)
+    ids, _ = batch()
+    reg = RandomPerturbationRegularizer(model)
+    for mask in (None, torch.ones(3, 6, dtype=torch.bool)):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            assert reg.pair(lambda: model(ids), mask=mask)[1] > 0  # noqa: B023
+            reg.stats()
+        assert caught == []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _, penalty = reg.pair(lambda: model(ids), mask=torch.zeros(3, 6, dtype=torch.bool))
+        reg.stats()
+    assert penalty.item() == 0.0 and caught == []
+
+
+def test_stats_before_any_step_and_after_remove():
+    model = make_model()
+    ids, _ = batch()
+    reg = RandomPerturbationRegularizer(model, min_layer=2, max_layer=2)
+    stats = reg.stats()
+    assert list(stats) == ["rapt/layer", "rapt/noise_to_hidden_ratio", "rapt/skipped_steps"]
+    assert math.isnan(stats["rapt/layer"]) and math.isnan(stats["rapt/noise_to_hidden_ratio"])
+    assert stats["rapt/skipped_steps"] == 0.0
+    assert reg.last_layer is None and reg.last_noise_to_hidden_ratio is None
+    reg.pair(lambda: model(ids))
+    assert reg.last_noise_to_hidden_ratio > 0
+    reg.remove()
+    assert reg.last_noise_to_hidden_ratio is None
+    stats = reg.stats()
+    assert stats["rapt/layer"] == 2.0 and math.isnan(stats["rapt/noise_to_hidden_ratio"])
+
+
+def test_a_state_dict_that_went_through_json_resumes_the_same_draws():
+    model = make_model()
+    ids, _ = batch()
+    reg = RandomPerturbationRegularizer(model, min_layer=0, max_layer=DEPTH)
+    reg.pair(lambda: model(ids))
+    state = json.loads(json.dumps(reg.state_dict()))
+    expected = []
+    for _ in range(3):
+        _, penalty = reg.pair(lambda: model(ids))
+        expected.append((reg.last_layer, penalty.item()))
+    resumed = RandomPerturbationRegularizer(model, min_layer=0, max_layer=DEPTH)
+    resumed.load_state_dict(state)
+    got = []
+    for _ in range(3):
+        _, penalty = resumed.pair(lambda: model(ids))
+        got.append((resumed.last_layer, penalty.item()))
+    assert got == expected
+
+
+def test_repr_names_the_stacks_and_the_settings():
+    model = make_model()
+    reg = RandomPerturbationRegularizer(model, eta=0.5, min_layer=0, max_layer=2, alpha=3.0)
+    assert repr(reg) == (
+        "RandomPerturbationRegularizer(blocks='layers', eta=0.5, layers=0..2, alpha=3.0, "
+        "norm='inf')"
+    )
+    listed = RandomPerturbationRegularizer(
+        model, blocks=first_two_blocks(model), norm=None, max_layer=2
+    )
+    assert repr(listed) == (
+        "RandomPerturbationRegularizer(blocks='layers.0', eta=2.0, layers=1..2, alpha=1.0, "
+        "norm=None)"
+    )
+    two = RandomPerturbationRegularizer(TwoDepths(), prefer=None)
+    assert repr(two).startswith("RandomPerturbationRegularizer(blocks='a.layers', 'b.layers',")
+
+
+def test_check_number_and_logits_of():
+    from rapt_reg.regularizer import check_number, logits_of
+
+    assert check_number("x", 0) == 0.0 and type(check_number("x", 2)) is float
+    assert check_number("x", 0.25, allow_zero=False) == 0.25
+    with refused("x must be finite and > 0, got 0"):
+        check_number("x", 0, allow_zero=False)
+    with refused("x must be finite and > 0, got -0.5"):
+        check_number("x", -0.5, allow_zero=False)
+    logits = torch.ones(2, 3)
+
+    class Out:
+        def __init__(self, logits):
+            self.logits = logits
+
+    assert logits_of(logits) is logits and logits_of(Out(logits)) is logits
+    assert logits_of({"logits": logits, "loss": 1.0}) is logits
+    for bad, name in (({"scores": logits}, "dict"), (Out(None), "Out"), (Out([1.0]), "Out")):
+        with refused(
+            f"cannot find logits in a {name}: the forward must return a tensor [..., C] or an "
+            "object with a .logits tensor (wrap it: lambda: model(x)[0])"
+        ):
+            logits_of(bad)
+
+
+def test_pair_refuses_bad_token_masks_before_running_the_forward():
+    model = make_model()
+    reg = RandomPerturbationRegularizer(model)
+    calls = []
+    for masks in ({"noise_mask": torch.ones(3, 6)}, {"segment_ids": torch.ones(3, 6)}):
+        with pytest.raises(RaptRegError):
+            reg.pair(lambda: calls.append(1), **masks)  # noqa: B023
+    assert calls == []
+
+
+def test_load_state_dict_restores_the_skipped_count_and_drops_pending_checks():
+    model = make_model()
+    ids, _ = batch()
+    clean = model(ids).detach().clone()
+    clean[0, 0] = float("nan")
+    reg = RandomPerturbationRegularizer(model, nonfinite="skip")
+    for _ in range(3):
+        reg(lambda: model(ids), clean)
+    state = reg.state_dict()
+    assert state["format"] == 1 and state["skipped_steps"] == 3
+    other = RandomPerturbationRegularizer(model, nonfinite="skip")
+    other(lambda: model(ids), clean)  # pending, not yet read
+    other.load_state_dict(state)
+    assert other.skipped_steps == 3
+
+
+def test_a_regularizer_without_blocks_follows_the_model_training_flag():
+    from rapt_reg import R3FRegularizer
+
+    model = make_model()
+    ids, _ = batch()
+    reg = R3FRegularizer(model)
+    assert reg.pair(lambda: model(ids))[1] > 0
+    assert list(reg.stats()) == ["r3f/noise_to_hidden_ratio", "r3f/skipped_steps"]
+    model.eval()
+    with pytest.warns(UserWarning, match="R3FRegularizer adds noise only in training mode"):
+        assert reg.pair(lambda: model(ids))[1].item() == 0.0
