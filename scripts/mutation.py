@@ -15,7 +15,7 @@ anyway). Every other survivor counts against the score.
     pip install ".[test,mutation]"
     python scripts/mutation.py                      # every core module (about an hour on 2 cores)
     python scripts/mutation.py --modules replay     # one module (CI runs the two smallest)
-    python scripts/mutation.py --survivors          # re-run only the last run's survivors
+    python scripts/mutation.py --survivors --since REV   # survivors against tests new since REV
     python scripts/mutation.py --report             # only read the last run's results
     python scripts/mutation.py --write-docs         # put the table into docs/guarantees.md
 
@@ -32,11 +32,15 @@ equivalent list no longer names a surviving mutant (a stale excuse).
 from __future__ import annotations
 
 import argparse
+import ast
 import datetime
 import json
 import os
+import shutil
+import signal
 import subprocess
 import sys
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -80,9 +84,88 @@ def run_mutmut(names: list[str], max_children: int) -> None:
             raise
 
 
+def _test_bodies(source: str) -> dict[str, str]:
+    """Test function name -> its arguments and body (decorators left out: a new marker on an
+    old test changes nothing it checks)."""
+    bodies = {}
+    for node in ast.parse(source).body:
+        if isinstance(node, ast.FunctionDef) and node.name.startswith("test_"):
+            bodies[node.name] = ast.dump(node.args) + "".join(ast.dump(n) for n in node.body)
+    return bodies
+
+
+def changed_tests(since: str) -> list[str]:
+    """Node ids of the selected tests added or changed (their body) since git revision ``since``."""
+    selection = mutmut_table()["pytest_add_cli_args_test_selection"]
+    files = subprocess.run(
+        ["git", "ls-files", "--", *selection], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout.split()
+    ids = []
+    for path in sorted(f for f in files if Path(f).name.startswith("test_")):
+        old = subprocess.run(["git", "show", f"{since}:{path}"], cwd=ROOT, capture_output=True)
+        before = _test_bodies(old.stdout.decode()) if old.returncode == 0 else {}
+        for name, body in _test_bodies((ROOT / path).read_text()).items():
+            if before.get(name) != body:
+                ids.append(f"{path}::{name}")
+    return ids
+
+
+def rerun_survivors(names: list[str], tests: list[str], max_children: int) -> None:
+    """Run each surviving mutant against ``tests`` only (the tests written since the full run:
+    every other selected test already passed on it), and record the kills in mutmut's results.
+
+    The mutants are mutmut's own (``mutants/``, switched by ``MUTANT_UNDER_TEST`` as mutmut
+    does); one forked pytest per mutant, two at a time, a hung one killed after 120 s.
+    """
+    shutil.copytree(ROOT / "tests", ROOT / "mutants" / "tests", dirs_exist_ok=True)
+    os.environ.update(RAPT_REG_MUTATION="1", RAPT_HARDENING_SCALE="0.2", OMP_NUM_THREADS="1")
+    os.chdir(ROOT / "mutants")
+    sys.path.insert(0, str(ROOT / "mutants"))
+    import pytest
+
+    extra = mutmut_table().get("pytest_add_cli_args", [])
+    args = ["-x", "-q", "-p", "no:cacheprovider", "-p", "no:randomly", *extra, *tests]
+    pytest.main(["--collect-only", "-qq", "-p", "no:cacheprovider", *tests])  # import once
+    codes: dict[str, int] = {}
+    running: dict[int, tuple[str, float]] = {}
+    queue = list(names)
+    while queue or running:
+        while queue and len(running) < max_children:
+            name = queue.pop(0)
+            pid = os.fork()
+            if pid == 0:
+                os.environ["MUTANT_UNDER_TEST"] = name
+                devnull = os.open(os.devnull, os.O_WRONLY)
+                os.dup2(devnull, 1)
+                os.dup2(devnull, 2)
+                os._exit(int(pytest.main(args)))
+            running[pid] = (name, time.monotonic())
+        pid, status = os.waitpid(-1, os.WNOHANG)
+        if pid == 0:
+            for child, (_, started) in running.items():
+                if time.monotonic() - started > 120:
+                    os.kill(child, signal.SIGKILL)
+            time.sleep(0.05)
+            continue
+        name, _ = running.pop(pid)
+        codes[name] = os.waitstatus_to_exitcode(status)
+        print(f"{'killed ' if codes[name] != 0 else 'survived'} {name}", flush=True)
+    for module in {name.split(".")[1] for name in codes}:
+        meta_path = ROOT / "mutants" / "rapt_reg" / f"{module}.py.meta"
+        meta = json.loads(meta_path.read_text())
+        for name, code in codes.items():
+            if name.split(".")[1] == module and code != 0:
+                # 1: a test failed; killed (-9) past 120 s: a timeout, as mutmut counts it
+                meta["exit_code_by_key"][name] = 1 if code > 0 else 36
+        meta_path.write_text(json.dumps(meta))
+
+
+def mutmut_table() -> dict:
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["mutmut"]
+
+
 def core_modules() -> list[str]:
-    table = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["mutmut"]
-    return [Path(path).stem for path in table["only_mutate"]]
+    return [Path(path).stem for path in mutmut_table()["only_mutate"]]
 
 
 def equivalent() -> dict[str, str]:
@@ -159,8 +242,11 @@ def main() -> int:
     parser.add_argument("--modules", help="comma-separated, e.g. noise,replay (default: all)")
     parser.add_argument("--report", action="store_true", help="read the last run, run nothing")
     parser.add_argument(
-        "--survivors", action="store_true", help="re-run only the last run's survivors"
+        "--survivors",
+        action="store_true",
+        help="re-run the last run's survivors against the tests new or changed since --since",
     )
+    parser.add_argument("--since", help="git revision the full run's tests were at")
     parser.add_argument("--write-docs", action="store_true", help="update docs/guarantees.md")
     parser.add_argument("--min-score", type=float, default=90.0)
     parser.add_argument("--max-children", type=int, default=2)
@@ -172,14 +258,17 @@ def main() -> int:
 
     if not args.report:
         if args.survivors:
+            if not args.since:
+                parser.error("--survivors needs --since (the revision of the full run's tests)")
             names = [name for module in modules for name in score(module, {})["unexcused"]]
-            if not names:
-                print("no survivors to re-run")
-        elif set(modules) != set(core_modules()):
-            names = [f"rapt_reg.{module}.*" for module in modules]
+            tests = changed_tests(args.since)
+            print(f"{len(names)} survivors, {len(tests)} tests new or changed since {args.since}")
+            if names and tests:
+                rerun_survivors(names, tests, args.max_children)
         else:
-            names = []  # all: mutmut resumes where an interrupted run stopped
-        if names or not args.survivors:
+            all_modules = set(modules) == set(core_modules())
+            # all: mutmut resumes where an interrupted run stopped
+            names = [] if all_modules else [f"rapt_reg.{module}.*" for module in modules]
             run_mutmut(names, args.max_children)
 
     excuses = equivalent()
