@@ -38,6 +38,34 @@ def test_sequence_first_layout_sets_batch_dim():
     )
 
 
+@pytest.mark.parametrize(("batch_first", "batch_dim"), [(False, 1), (True, 0)])
+def test_batch_first_sets_batch_dim_however_the_blocks_are_named(batch_first, batch_dim):
+    layer = nn.TransformerEncoderLayer(8, 2, batch_first=batch_first)
+    encoder = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+    assert find_transformer_blocks(encoder).batch_dim == batch_dim
+    # by hand: a path to the stack, to one block, or a list whose first block says
+    assert find_transformer_blocks(encoder, blocks="layers").batch_dim == batch_dim
+    assert find_transformer_blocks(encoder, blocks="layers.1").batch_dim == batch_dim
+    listed = [encoder.layers[1], encoder.layers[0]]
+    assert find_transformer_blocks(encoder, blocks=listed).batch_dim == batch_dim
+
+
+def test_blocks_without_batch_first_leave_batch_dim_unknown():
+    assert find_transformer_blocks(TinyTransformer(depth=2)).batch_dim is None
+
+
+def test_with_batch_dim_sets_only_batch_dim():
+    stack = find_transformer_blocks(TinyTransformer(depth=2))
+    chosen = stack.with_batch_dim(1)
+    assert chosen.batch_dim == 1 and stack.batch_dim is None
+    assert (chosen.path, chosen.names, chosen.blocks, chosen.calls_per_forward) == (
+        stack.path,
+        stack.names,
+        stack.blocks,
+        stack.calls_per_forward,
+    )
+
+
 @pytest.mark.promise("wrappers-seen-through")
 @pytest.mark.parametrize(
     "wrap",
@@ -102,28 +130,114 @@ def test_blocks_override_by_path_or_modules():
     assert find_transformer_blocks(model, blocks=["layers.0"]).blocks == (model.layers[0],)
 
 
+FIX_BY_PATH = "pass modules of the model itself (or dotted paths)"
+FOREIGN = nn.Linear(2, 2)
+
+
+def _missing(model: nn.Module, path: str) -> str:
+    with pytest.raises(AttributeError) as info:  # torch's own words, quoted after ours
+        model.get_submodule(path)
+    return f"blocks={path!r} is not a submodule of TinyTransformer: {info.value}"
+
+
 @pytest.mark.promise("discovery-refusal")
 @pytest.mark.parametrize(
     ("blocks", "message"),
     [
-        ("encoder.layer", "not a submodule"),
-        ([nn.Linear(2, 2)], "not a submodule"),
-        ([], "is empty"),
-        (nn.Linear(2, 2), "single module"),
+        ("encoder.layer", lambda m: _missing(m, "encoder.layer")),
+        (["layers.0", "layers.9"], lambda m: _missing(m, "layers.9")),
+        (
+            [FOREIGN],
+            lambda m: (
+                f"blocks= entry {FOREIGN!r} is not a submodule of TinyTransformer: {FIX_BY_PATH}"
+            ),
+        ),
+        ([3], lambda m: f"blocks= entry 3 is not a submodule of TinyTransformer: {FIX_BY_PATH}"),
+        ([], lambda m: "blocks= is empty: pass a dotted path or a list of modules"),
+        ("extra", lambda m: "blocks='extra' is an empty container"),
+        (
+            FOREIGN,
+            lambda m: (
+                "blocks= got a single module: pass its dotted path, or a list of the block modules"
+            ),
+        ),
     ],
-    ids=["bad-path", "foreign-module", "empty", "bare-module"],
+    ids=[
+        "bad-path",
+        "bad-path-in-list",
+        "foreign-module",
+        "not-a-module",
+        "empty",
+        "empty-container",
+        "bare-module",
+    ],
 )
 def test_bad_blocks_argument_is_refused(blocks, message):
-    with pytest.raises(BlockDiscoveryError, match=message):
-        find_transformer_blocks(TinyTransformer(depth=2), blocks=blocks)
+    model = TinyTransformer(depth=2)
+    model.extra = nn.ModuleList()
+    with pytest.raises(BlockDiscoveryError) as info:
+        find_transformer_blocks(model, blocks=blocks)
+    assert str(info.value) == message(model)
+
+
+class NoBlocks(nn.Module):
+    """Containers of every kind, none of same-class modules with attention."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 4))
+        self.heads = nn.ModuleDict({"a": nn.Linear(4, 2)})
+        self.unused = nn.ModuleList()  # empty: not listed
+        self.mlps = nn.ModuleList(nn.Sequential(nn.Linear(4, 4), nn.GELU()) for _ in range(2))
+
+
+NOTHING_FOUND = (
+    "no transformer blocks found in {}: looked for a ModuleList, Sequential or ModuleDict of "
+    "same-class modules containing attention among {}. Pass blocks='dotted.path' (or a list of "
+    "modules) to say which modules are the blocks."
+)
+
+
+NOTHING_FOUND = (
+    "no transformer blocks found in {}: looked for a ModuleList, Sequential or ModuleDict of "
+    "same-class modules containing attention among {}. Pass blocks='dotted.path' (or a list of "
+    "modules) to say which modules are the blocks."
+)
+NOTHING_FOUND_CASES = {
+    "containers": (
+        NoBlocks,
+        "NoBlocks",
+        "5 containers: stem (Sequential of 3: Linear, ReLU); heads (ModuleDict of 1: Linear); "
+        "mlps (ModuleList of 2: Sequential); mlps.0 (Sequential of 2: GELU, Linear); "
+        "mlps.1 (Sequential of 2: GELU, Linear)",
+    ),
+    "root": (
+        lambda: nn.DataParallel(nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))),
+        "Sequential",
+        "1 containers: <root> (Sequential of 3: Linear, ReLU)",
+    ),
+    "none": (lambda: nn.Linear(4, 2), "Linear", "0 containers: none"),
+}
 
 
 @pytest.mark.promise("discovery-refusal")
-def test_nothing_found_lists_containers_and_names_blocks():
-    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
-    with pytest.raises(BlockDiscoveryError, match=r"Sequential of 3.*blocks=") as info:
-        find_transformer_blocks(model)
+@pytest.mark.parametrize("case", NOTHING_FOUND_CASES)
+def test_nothing_found_lists_containers_and_names_blocks(case):
+    make, name, seen = NOTHING_FOUND_CASES[case]
+    with pytest.raises(BlockDiscoveryError) as info:
+        find_transformer_blocks(make())
+    assert str(info.value) == NOTHING_FOUND.format(name, seen)
     assert isinstance(info.value, RaptRegError) and isinstance(info.value, ValueError)
+
+
+def test_ambiguity_lists_every_stack_with_its_size():
+    with pytest.raises(BlockDiscoveryError) as info:
+        find_transformer_blocks(EncoderDecoder(), prefer=None)
+    assert str(info.value) == (
+        "several stacks could be the transformer blocks: 'encoder.block' (3 blocks), "
+        "'decoder.block' (2 blocks). Pass blocks='<path>' to choose one "
+        "(or prefer='<part of the path>')."
+    )
 
 
 def test_discovery_finds_48_blocks():
