@@ -1,8 +1,17 @@
 """Discovery: which modules are the blocks, through wrappers, with clear refusals."""
 
+from types import SimpleNamespace
+
 import pytest
 import torch
-from models import Block, IndexLoopModel, TimmShapedViT, TinyTransformer, torch_encoder_classifier
+from models import (
+    Attention,
+    Block,
+    IndexLoopModel,
+    TimmShapedViT,
+    TinyTransformer,
+    torch_encoder_classifier,
+)
 from torch import nn
 
 from rapt_reg import BlockDiscoveryError, RaptRegError, find_transformer_blocks
@@ -35,6 +44,34 @@ def test_sequence_first_layout_sets_batch_dim():
             nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
         ).batch_dim
         == 1
+    )
+
+
+@pytest.mark.parametrize(("batch_first", "batch_dim"), [(False, 1), (True, 0)])
+def test_batch_first_sets_batch_dim_however_the_blocks_are_named(batch_first, batch_dim):
+    layer = nn.TransformerEncoderLayer(8, 2, batch_first=batch_first)
+    encoder = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+    assert find_transformer_blocks(encoder).batch_dim == batch_dim
+    # by hand: a path to the stack, to one block, or a list whose first block says
+    assert find_transformer_blocks(encoder, blocks="layers").batch_dim == batch_dim
+    assert find_transformer_blocks(encoder, blocks="layers.1").batch_dim == batch_dim
+    listed = [encoder.layers[1], encoder.layers[0]]
+    assert find_transformer_blocks(encoder, blocks=listed).batch_dim == batch_dim
+
+
+def test_blocks_without_batch_first_leave_batch_dim_unknown():
+    assert find_transformer_blocks(TinyTransformer(depth=2)).batch_dim is None
+
+
+def test_with_batch_dim_sets_only_batch_dim():
+    stack = find_transformer_blocks(TinyTransformer(depth=2))
+    chosen = stack.with_batch_dim(1)
+    assert chosen.batch_dim == 1 and stack.batch_dim is None
+    assert (chosen.path, chosen.names, chosen.blocks, chosen.calls_per_forward) == (
+        stack.path,
+        stack.names,
+        stack.blocks,
+        stack.calls_per_forward,
     )
 
 
@@ -108,28 +145,304 @@ def test_blocks_override_by_path_or_modules():
     assert find_transformer_blocks(model, blocks=["layers.0"]).blocks == (model.layers[0],)
 
 
+FIX_BY_PATH = "pass modules of the model itself (or dotted paths)"
+FOREIGN = nn.Linear(2, 2)
+
+
+def _missing(model: nn.Module, path: str) -> str:
+    with pytest.raises(AttributeError) as info:  # torch's own words, quoted after ours
+        model.get_submodule(path)
+    return f"blocks={path!r} is not a submodule of TinyTransformer: {info.value}"
+
+
 @pytest.mark.promise("discovery-refusal")
 @pytest.mark.parametrize(
     ("blocks", "message"),
     [
-        ("encoder.layer", "not a submodule"),
-        ([nn.Linear(2, 2)], "not a submodule"),
-        ([], "is empty"),
-        (nn.Linear(2, 2), "single module"),
+        ("encoder.layer", lambda m: _missing(m, "encoder.layer")),
+        (["layers.0", "layers.9"], lambda m: _missing(m, "layers.9")),
+        (
+            [FOREIGN],
+            lambda m: (
+                f"blocks= entry {FOREIGN!r} is not a submodule of TinyTransformer: {FIX_BY_PATH}"
+            ),
+        ),
+        ([3], lambda m: f"blocks= entry 3 is not a submodule of TinyTransformer: {FIX_BY_PATH}"),
+        ([], lambda m: "blocks= is empty: pass a dotted path or a list of modules"),
+        ("extra", lambda m: "blocks='extra' is an empty container"),
+        (
+            FOREIGN,
+            lambda m: (
+                "blocks= got a single module: pass its dotted path, or a list of the block modules"
+            ),
+        ),
     ],
-    ids=["bad-path", "foreign-module", "empty", "bare-module"],
+    ids=[
+        "bad-path",
+        "bad-path-in-list",
+        "foreign-module",
+        "not-a-module",
+        "empty",
+        "empty-container",
+        "bare-module",
+    ],
 )
 def test_bad_blocks_argument_is_refused(blocks, message):
-    with pytest.raises(BlockDiscoveryError, match=message):
-        find_transformer_blocks(TinyTransformer(depth=2), blocks=blocks)
+    model = TinyTransformer(depth=2)
+    model.extra = nn.ModuleList()
+    with pytest.raises(BlockDiscoveryError) as info:
+        find_transformer_blocks(model, blocks=blocks)
+    assert str(info.value) == message(model)
+
+
+class NoBlocks(nn.Module):
+    """Containers of every kind, none of same-class modules with attention."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 4))
+        self.heads = nn.ModuleDict({"a": nn.Linear(4, 2)})
+        self.unused = nn.ModuleList()  # empty: not listed
+        self.mlps = nn.ModuleList(nn.Sequential(nn.Linear(4, 4), nn.GELU()) for _ in range(2))
+
+
+NOTHING_FOUND = (
+    "no transformer blocks found in {}: looked for a ModuleList, Sequential or ModuleDict of "
+    "same-class modules containing attention among {}. Pass blocks='dotted.path' (or a list of "
+    "modules) to say which modules are the blocks."
+)
+
+
+NOTHING_FOUND = (
+    "no transformer blocks found in {}: looked for a ModuleList, Sequential or ModuleDict of "
+    "same-class modules containing attention among {}. Pass blocks='dotted.path' (or a list of "
+    "modules) to say which modules are the blocks."
+)
+NOTHING_FOUND_CASES = {
+    "containers": (
+        NoBlocks,
+        "NoBlocks",
+        "5 containers: stem (Sequential of 3: Linear, ReLU); heads (ModuleDict of 1: Linear); "
+        "mlps (ModuleList of 2: Sequential); mlps.0 (Sequential of 2: GELU, Linear); "
+        "mlps.1 (Sequential of 2: GELU, Linear)",
+    ),
+    "root": (
+        lambda: nn.DataParallel(nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))),
+        "Sequential",
+        "1 containers: <root> (Sequential of 3: Linear, ReLU)",
+    ),
+    "none": (lambda: nn.Linear(4, 2), "Linear", "0 containers: none"),
+}
 
 
 @pytest.mark.promise("discovery-refusal")
-def test_nothing_found_lists_containers_and_names_blocks():
-    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
-    with pytest.raises(BlockDiscoveryError, match=r"Sequential of 3.*blocks=") as info:
-        find_transformer_blocks(model)
+@pytest.mark.parametrize("case", NOTHING_FOUND_CASES)
+def test_nothing_found_lists_containers_and_names_blocks(case):
+    make, name, seen = NOTHING_FOUND_CASES[case]
+    with pytest.raises(BlockDiscoveryError) as info:
+        find_transformer_blocks(make())
+    assert str(info.value) == NOTHING_FOUND.format(name, seen)
     assert isinstance(info.value, RaptRegError) and isinstance(info.value, ValueError)
+
+
+def test_ambiguity_lists_every_stack_with_its_size():
+    with pytest.raises(BlockDiscoveryError) as info:
+        find_transformer_blocks(EncoderDecoder(), prefer=None)
+    assert str(info.value) == (
+        "several stacks could be the transformer blocks: 'encoder.block' (3 blocks), "
+        "'decoder.block' (2 blocks). Pass blocks='<path>' to choose one "
+        "(or prefer='<part of the path>')."
+    )
+
+
+class SharedLayers(nn.Module):
+    """ALBERT's shape: ``config.num_hidden_layers`` block calls from fewer block modules."""
+
+    def __init__(self, count: object, modules: int) -> None:
+        super().__init__()
+        self.config = SimpleNamespace(num_hidden_layers=count)
+        self.layers = nn.ModuleList(Block(8, 2) for _ in range(modules))
+
+
+@pytest.mark.parametrize(
+    ("count", "modules", "calls"),
+    [
+        (6, 1, 6),  # one shared block run 6 times
+        (6, 2, 6),  # two groups, each run 3 times
+        (5, 2, 2),  # not a multiple: the config does not describe this stack
+        (1, 2, 2),  # fewer layers than modules: the modules count
+        (2, 2, 2),
+        ("6", 2, 2),  # not an int: ignored
+        (6.0, 2, 2),
+        (None, 2, 2),
+    ],
+)
+def test_config_layer_count_counts_calls_of_shared_blocks(count, modules, calls):
+    model = SharedLayers(count, modules)
+    for stack in (
+        find_transformer_blocks(model),
+        find_transformer_blocks(model, blocks="layers"),
+    ):
+        assert stack.blocks == tuple(model.layers) and stack.path == "layers"
+        assert stack.calls_per_forward == calls and type(stack.calls_per_forward) is int
+
+
+def test_a_path_to_one_shared_block_counts_its_calls():
+    model = SharedLayers(6, 1)
+    stack = find_transformer_blocks(model, blocks="layers.0")
+    assert (stack.path, stack.names, stack.blocks) == ("", ("layers.0",), (model.layers[0],))
+    assert stack.calls_per_forward == 6
+
+
+def test_a_path_or_list_of_single_blocks_is_a_stack_without_a_path():
+    model = TinyTransformer(depth=3)
+    stack = find_transformer_blocks(model, blocks="layers.1")
+    assert (stack.path, stack.names, stack.blocks) == ("", ("layers.1",), (model.layers[1],))
+    assert stack.calls_per_forward == 1
+    stack = find_transformer_blocks(model, blocks=[model.layers[2], "layers.0"])
+    assert (stack.path, stack.names) == ("", ("layers.2", "layers.0"))
+    assert stack.blocks == (model.layers[2], model.layers[0]) and stack.calls_per_forward == 2
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda blocks: nn.ModuleList(blocks),
+        lambda blocks: nn.Sequential(*blocks),
+        lambda blocks: nn.ModuleDict({str(i): b for i, b in enumerate(blocks)}),
+    ],
+    ids=["ModuleList", "Sequential", "ModuleDict"],
+)
+def test_the_model_itself_can_be_the_stack(make):
+    model = make([Block(8, 2) for _ in range(3)])
+    stack = find_transformer_blocks(model)
+    assert (stack.path, stack.names, stack.blocks) == ("", ("0", "1", "2"), tuple(model.children()))
+
+
+class Mixer(nn.Module):
+    """Token mixing whose class name says nothing about attention."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(8, 8)
+
+
+class SelfAttention(Mixer):
+    pass
+
+
+def _block(**children: nn.Module) -> nn.Module:
+    block = nn.Module()
+    block.norm = nn.LayerNorm(8)
+    for name, child in children.items():
+        block.add_module(name, child)
+    return block
+
+
+ATTENTION_SEEN = {
+    "class-name": lambda: _block(mixer=SelfAttention()),
+    "fused-class-name": lambda: _block(mixer=Attention(8, 2)),
+    "torch-mha": lambda: _block(mixer=nn.MultiheadAttention(8, 2)),
+    "attribute-name": lambda: _block(self_attn=Mixer()),
+    "nested-attribute-name": lambda: _block(inner=_block(attention=Mixer())),
+}
+
+
+@pytest.mark.parametrize("make", ATTENTION_SEEN.values(), ids=ATTENTION_SEEN.keys())
+def test_attention_is_seen_by_class_or_by_name(make):
+    model = nn.Module()
+    model.layers = nn.ModuleList(make() for _ in range(2))
+    assert find_transformer_blocks(model).blocks == tuple(model.layers)
+
+
+def test_blocks_without_attention_are_not_a_stack():
+    model = nn.Module()
+    model.layers = nn.ModuleList(_block(mixer=Mixer()) for _ in range(2))
+    with pytest.raises(BlockDiscoveryError, match="no transformer blocks found"):
+        find_transformer_blocks(model)
+
+
+class MixedThenStack(nn.Module):
+    """A list of mixed classes (attention first) before the real stack."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.ModuleList([Block(8, 2), nn.Linear(8, 8)])
+        self.layers = nn.ModuleList(Block(8, 2) for _ in range(2))
+
+
+def test_a_list_of_mixed_classes_is_skipped_and_the_search_goes_on():
+    model = MixedThenStack()
+    assert [s.path for s in find_block_stacks(model, prefer=None)] == ["layers"]
+
+
+class NestedThenStack(NestedStacks):
+    def __init__(self) -> None:
+        super().__init__()
+        self.decoder = nn.ModuleList(Block(8, 2) for _ in range(2))
+
+
+def test_stacks_after_a_nested_one_are_still_found():
+    assert [s.path for s in find_block_stacks(NestedThenStack(), prefer=None)] == [
+        "groups",
+        "decoder",
+    ]
+
+
+def test_find_block_stacks_prefers_the_encoder_and_falls_back_to_all():
+    model = EncoderDecoder()
+    assert [s.path for s in find_block_stacks(model)] == ["encoder.block"]
+    assert [s.path for s in find_block_stacks(model, prefer="vision")] == [
+        "encoder.block",
+        "decoder.block",
+    ]
+
+
+class FullyShardedDataParallel(nn.Module):
+    """Stands in for torch's FSDP wrapper, which is recognised by its class name."""
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        self.module = module
+
+
+class PeftModel(nn.Module):
+    """Stands in for peft's wrapper: a ``peft`` module with ``get_base_model()``."""
+
+    __module__ = "peft.peft_model"
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.base_model = model
+
+    def get_base_model(self) -> nn.Module:
+        return self.base_model
+
+
+class NotPeft(PeftModel):
+    """``get_base_model()`` outside peft: not a wrapper to strip."""
+
+    __module__ = __name__
+
+
+@pytest.mark.parametrize(
+    "wrap",
+    [FullyShardedDataParallel, PeftModel, lambda m: FullyShardedDataParallel(PeftModel(m))],
+    ids=["fsdp", "peft", "fsdp-of-peft"],
+)
+def test_sees_through_fsdp_and_peft(wrap):
+    model = TinyTransformer(depth=2)
+    wrapped = wrap(model)
+    assert unwrap_model(wrapped) is model
+    stack = find_transformer_blocks(wrapped)
+    assert stack.path == "layers" and stack.names == ("layers.0", "layers.1")
+    assert find_transformer_blocks(wrapped, blocks="layers").names == ("layers.0", "layers.1")
+
+
+def test_get_base_model_outside_peft_is_not_unwrapped():
+    wrapped = NotPeft(TinyTransformer(depth=2))
+    assert unwrap_model(wrapped) is wrapped
+    assert find_transformer_blocks(wrapped).path == "base_model.layers"
 
 
 def test_discovery_finds_48_blocks():
