@@ -10,6 +10,7 @@ every region plain. float64 gradients must agree to 1e-9, and no case is refused
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 
@@ -21,7 +22,8 @@ from models import Block, penalty_step
 from torch import nn
 from torch.utils.checkpoint import checkpoint, checkpoint_sequential
 
-from rapt_reg import RandomPerturbationRegularizer
+from rapt_reg import RandomPerturbationRegularizer, RaptRegError
+from rapt_reg.replay import Replays
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -183,3 +185,114 @@ def test_checkpoint_sequential_is_exact(segments, reentrant, form):
             results.append({n: p.grad.clone() for n, p in model.named_parameters()})
         for name in results[0]:
             torch.testing.assert_close(results[1][name], results[0][name], rtol=0, atol=1e-9)
+
+
+# -- the replay records themselves (rapt_reg.replay) -------------------------------------------
+
+
+def _noise(hidden: torch.Tensor, batch_dim: int) -> torch.Tensor:
+    return torch.ones_like(hidden)
+
+
+def test_a_record_is_found_only_by_its_own_hook_at_its_own_rng_state():
+    replays, block, other = Replays(), nn.Linear(2, 2), nn.Linear(2, 2)
+    with replays.stream(seed=7):
+        record = replays.record(block, "post", _noise, 1)
+        assert (record.module(), record.where, record.perturb, record.batch_dim) == (
+            block,
+            "post",
+            _noise,
+            1,
+        )
+        assert replays.find(block, "post") is record
+        assert replays.find(block, "pre") is None
+        assert replays.find(other, "post") is None
+        torch.rand(1)  # the RNG moved on: no recomputation is at this point
+        assert replays.find(block, "post") is None
+    replays.clear()
+    assert replays.find(block, "post") is None
+    with replays.stream(seed=7):  # cleared, the records are usable again
+        assert replays.record(block, "pre", _noise, 0) is replays.find(block, "pre")
+
+
+def test_a_record_outside_a_stream_is_refused():
+    replays = Replays()
+    with replays.stream(seed=1):
+        pass
+    with pytest.raises(RuntimeError) as info:
+        replays.record(nn.Linear(2, 2), "post", _noise, 0)
+    assert str(info.value) == "Replays.record must be called inside Replays.stream"
+
+
+def test_a_stream_seeds_the_cpu_rng_and_restores_it():
+    before = torch.get_rng_state()
+    with Replays().stream(seed=123):
+        inside = torch.rand(4)
+    assert torch.equal(torch.get_rng_state(), before)
+    torch.testing.assert_close(inside, torch.rand(4, generator=torch.Generator().manual_seed(123)))
+
+
+class FakeAccelerator:
+    """A device module as torch.random.fork_rng and Replays.stream use it: one RNG per index."""
+
+    def __init__(self, count: int) -> None:
+        self.rngs = [torch.Generator().manual_seed(100 + i) for i in range(count)]
+        self.current = 0
+
+    def device_count(self) -> int:
+        return len(self.rngs)
+
+    def get_rng_state(self, index: int) -> torch.Tensor:
+        return self.rngs[index].get_state()
+
+    def set_rng_state(self, state: torch.Tensor, index: int) -> None:
+        self.rngs[index].set_state(state)
+
+    @contextlib.contextmanager
+    def device(self, index: int):
+        previous, self.current = self.current, index
+        try:
+            yield
+        finally:
+            self.current = previous
+
+    def manual_seed(self, seed: int) -> None:
+        self.rngs[self.current].manual_seed(seed)
+
+
+@pytest.fixture
+def fpga(monkeypatch):
+    """A fake accelerator type: ``torch.fpga`` with three devices (fpga:0 is ``fpga``)."""
+    fake = FakeAccelerator(3)
+    torch.get_device_module.cache_clear()
+    monkeypatch.setattr(torch, "fpga", fake, raising=False)
+    yield fake
+    torch.get_device_module.cache_clear()
+
+
+def test_a_stream_seeds_each_accelerator_in_use_and_restores_them(fpga):
+    before = [rng.get_state() for rng in fpga.rngs]
+    seeded = torch.Generator().manual_seed(5).get_state()
+    devices = [torch.device("cpu"), torch.device("fpga"), torch.device("fpga:1")]
+    with Replays().stream(seed=5, devices=devices):
+        assert torch.equal(fpga.rngs[0].get_state(), seeded)  # no index: device 0
+        assert torch.equal(fpga.rngs[1].get_state(), seeded)
+        assert torch.equal(fpga.rngs[2].get_state(), before[2])  # not in use: untouched
+        fpga.rngs[1].manual_seed(9)  # the pass draws from it
+    for rng, state in zip(fpga.rngs, before):
+        assert torch.equal(rng.get_state(), state)
+    with Replays().stream(seed=5, devices=[torch.device("fpga:2")]):
+        assert torch.equal(fpga.rngs[2].get_state(), seeded)
+        assert torch.equal(fpga.rngs[0].get_state(), before[0])
+
+
+def test_parameters_on_two_accelerator_types_are_refused():
+    before = torch.get_rng_state()
+    devices = [torch.device("cpu"), torch.device("xpu:0"), torch.device("cuda:1")]
+    with pytest.raises(RaptRegError) as info, Replays().stream(seed=1, devices=devices):
+        pass
+    assert str(info.value) == (
+        "the model's parameters are on several accelerator types (['cuda', 'xpu']): RAPT "
+        "supports the CPU plus one accelerator type"
+    )
+    assert torch.equal(torch.get_rng_state(), before)
