@@ -12,8 +12,10 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from models import TinyTransformer
+from torch import nn
 
 from rapt_reg import RandomPerturbationRegularizer, RaptRegError
+from rapt_reg.hooks import NoisyPass, StackHooks
 
 DEPTH = 4
 
@@ -408,6 +410,40 @@ def test_two_regularizers_on_one_model_do_not_interfere():
     assert all(torch.equal(a, b) for a, b in zip(seen, clean_inputs))
     for h in handles:
         h.remove()
+
+
+def _half(hidden: torch.Tensor, batch_dim: int) -> torch.Tensor:
+    return torch.full_like(hidden, 0.5)
+
+
+def test_keep_only_leaves_one_stack_renumbered_as_zero():
+    """StackHooks after a forward showed which stack runs: the others' hooks are gone, and the
+    kept one is stack 0 with its own batch dim and shared flag; keeping it again changes nothing.
+    """
+    torch.manual_seed(0)
+    a, b = [nn.Linear(4, 4) for _ in range(2)], [nn.Linear(4, 4) for _ in range(2)]
+    x = torch.randn(3, 2, 4)
+    clean = [b[0](x), b[1](b[0](x))]
+    hooks = StackHooks([a, b], [0, 1], [False, True])
+    hooks.keep_only(1)
+    for _ in range(2):
+        assert hooks.batch_dim(0) == 1
+        p = NoisyPass(layer=2, perturb=_half)
+        with hooks.replays.stream(seed=0):
+            with hooks.armed(p):
+                a[1](a[0](x))  # unhooked now: not counted, not another stack
+                out = b[1](b[0](x))
+            assert (p.stack, p.calls, p.others, p.applied) == (0, 2, [], True)
+            torch.testing.assert_close(out, clean[1] + 0.5)
+            with pytest.raises(RaptRegError, match="ALBERT-style shared blocks"):
+                b[1](b[0](x))  # idle, at the noise point's RNG state: b's flag refuses replay
+        hooks.keep_only(0)
+    hooks.remove()
+    hooks.keep_only(0)  # removed: nothing to keep, and no error
+    assert not hooks.installed
+    for block in (*a, *b):
+        assert not block._forward_pre_hooks and not block._forward_hooks
+    torch.testing.assert_close(b[1](b[0](x)), clean[1])
 
 
 @pytest.mark.promise("penalty-alpha")
