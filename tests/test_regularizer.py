@@ -4,7 +4,7 @@ import copy
 import math
 import random
 import warnings
-from collections import Counter
+from collections import Counter, namedtuple
 
 import pytest
 import torch
@@ -444,6 +444,142 @@ def test_keep_only_leaves_one_stack_renumbered_as_zero():
     for block in (*a, *b):
         assert not block._forward_pre_hooks and not block._forward_hooks
     torch.testing.assert_close(b[1](b[0](x)), clean[1])
+
+
+# -- how blocks are called and what they return ---------------------------------------------
+
+Pair = namedtuple("Pair", "hidden aux")
+
+
+class AttrDict(dict):
+    """Built from keywords, items read as attributes (the shape of transformers' ModelOutput)."""
+
+    __getattr__ = dict.__getitem__
+
+
+def _pack(form: str, hidden: torch.Tensor, aux: torch.Tensor):
+    packed = {
+        "tensor": hidden,
+        "tuple": (hidden, aux),
+        "namedtuple": Pair(hidden, aux),
+        "list": [hidden, aux],
+        "dict": {"hidden": hidden, "aux": aux},
+        "attrdict": AttrDict(hidden=hidden, aux=aux),
+    }
+    return packed[form]
+
+
+def _unpack(form: str, out) -> tuple[torch.Tensor, torch.Tensor]:
+    if form == "tensor":
+        return out, torch.zeros(())
+    if form in ("tuple", "list"):
+        return out[0], out[1]
+    if form == "dict":
+        return out["hidden"], out["aux"]
+    return out.hidden, out.aux  # namedtuple, attrdict: by attribute
+
+
+class FormBlock(nn.Module):
+    def __init__(self, form: str) -> None:
+        super().__init__()
+        self.fc, self.form = nn.Linear(8, 8), form
+
+    def forward(self, x=None, mask=None, hidden_states=None, states=None, flag=False):
+        if x is None:
+            x = hidden_states if states is None else states
+        if isinstance(x, tuple):
+            x, mask = x
+        return _pack(self.form, x + torch.tanh(self.fc(x)), mask * 2)
+
+
+class FormModel(nn.Module):
+    """Blocks on ``[B, T, C]`` called in one way (``call``), returning one ``form``."""
+
+    def __init__(self, call: str, form: str = "tensor") -> None:
+        super().__init__()
+        self.embed = nn.Embedding(20, 8)
+        self.layers = nn.ModuleList(FormBlock(form) for _ in range(2))
+        self.head = nn.Linear(8, 3)
+        self.call, self.form = call, form
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        h, mask, used = self.embed(ids), torch.ones(ids.shape), 0.0
+        for layer in self.layers:
+            out = {
+                "positional": lambda: layer(h, mask),  # noqa: B023
+                "hidden_states_after_mask": lambda: layer(mask=mask, hidden_states=h),  # noqa: B023
+                "other_keyword": lambda: layer(flag=True, states=h, mask=mask),  # noqa: B023
+                "tuple_argument": lambda: layer((h, mask)),  # noqa: B023
+            }[self.call]()
+            h, aux = _unpack(self.form, out)
+            used = used + aux.sum()
+        return self.head(h.mean(1)) + used
+
+
+def _seen_at(model: FormModel, layer: int) -> list:
+    """What block ``layer`` received (layer 0) or what block ``layer - 1`` returned, as seen
+    after RAPT's hooks, in a clean and then a noisy pass."""
+    seen: list = []
+    ids = torch.randint(0, 20, (3, 5), generator=torch.Generator().manual_seed(0))
+    reg = RandomPerturbationRegularizer(model, blocks="layers", min_layer=layer, max_layer=layer)
+    if layer == 0:
+        hook = model.layers[0].register_forward_pre_hook(
+            lambda m, args, kwargs: seen.append((args, kwargs)), with_kwargs=True
+        )
+    else:
+        hook = model.layers[layer - 1].register_forward_hook(lambda m, a, out: seen.append(out))
+    with reg:
+        assert reg(lambda: model(ids), model(ids)) > 0
+        assert reg.stack.batch_dim == 0
+    hook.remove()
+    return seen
+
+
+def _assert_noise_of_eta_per_example(noisy: torch.Tensor, clean: torch.Tensor) -> None:
+    delta = (noisy - clean).detach()
+    torch.testing.assert_close(delta.abs().amax(dim=(1, 2)), torch.full((3,), 2.0))
+
+
+@pytest.mark.parametrize("call", ["positional", "hidden_states_after_mask", "other_keyword"])
+def test_layer_zero_noise_goes_to_the_hidden_states_however_the_block_is_called(call):
+    """The hidden states are the first positional tensor, else ``hidden_states=``, else the
+    first tensor keyword; the noise goes there and every other argument is passed on as it was.
+    """
+    torch.manual_seed(0)
+    (clean_args, clean_kwargs), (args, kwargs) = _seen_at(FormModel(call), 0)
+    assert len(args) == len(clean_args) and kwargs.keys() == clean_kwargs.keys()
+    if call == "positional":
+        hidden, clean_hidden = args[0], clean_args[0]
+        assert torch.equal(args[1], clean_args[1])
+    else:
+        key = "hidden_states" if call == "hidden_states_after_mask" else "states"
+        hidden, clean_hidden = kwargs[key], clean_kwargs[key]
+        for name in kwargs.keys() - {key}:  # the mask as it was; flag=True a bool still
+            other, clean_other = kwargs[name], clean_kwargs[name]
+            assert type(other) is type(clean_other)
+            assert torch.equal(other, clean_other) if name == "mask" else other == clean_other
+    _assert_noise_of_eta_per_example(hidden, clean_hidden)
+
+
+def test_a_block_called_without_a_tensor_is_perturbed_at_its_output_with_batch_dim_0():
+    torch.manual_seed(0)
+    clean, noisy = _seen_at(FormModel("tuple_argument"), 1)
+    _assert_noise_of_eta_per_example(noisy, clean)
+
+
+@pytest.mark.parametrize("form", ["tensor", "tuple", "namedtuple", "list", "dict", "attrdict"])
+@pytest.mark.parametrize("layer", [1, 2])
+def test_the_noise_replaces_the_hidden_states_in_any_output_form(form, layer):
+    """The output keeps its type and every other item; only its hidden states get noise."""
+    torch.manual_seed(0)
+    clean, noisy = _seen_at(FormModel("positional", form), layer)
+    assert type(noisy) is type(clean)
+    hidden, aux = _unpack(form, noisy)
+    clean_hidden, clean_aux = _unpack(form, clean)
+    assert torch.equal(aux, clean_aux)
+    if form != "tensor":
+        assert len(noisy) == len(clean) == 2
+    _assert_noise_of_eta_per_example(hidden, clean_hidden)
 
 
 @pytest.mark.promise("penalty-alpha")
