@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import weakref
 
 import pytest
 import torch
@@ -23,7 +24,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint, checkpoint_sequential
 
 from rapt_reg import RandomPerturbationRegularizer, RaptRegError
-from rapt_reg.replay import Replays
+from rapt_reg.replay import Replay, Replays, carry
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -296,3 +297,35 @@ def test_parameters_on_two_accelerator_types_are_refused():
         "supports the CPU plus one accelerator type"
     )
     assert torch.equal(torch.get_rng_state(), before)
+
+
+class Halve:
+    """A holder whose filter halves the gradient."""
+
+    def filter(self, grad: torch.Tensor) -> torch.Tensor:
+        return grad / 2
+
+
+def test_carry_keeps_its_holder_as_long_as_the_graph_and_filters_the_gradient():
+    x = torch.ones(3, requires_grad=True)
+    holder = Halve()
+    alive = weakref.ref(holder)
+    y = carry(x * 3, holder)
+    del holder
+    assert alive() is not None  # the graph holds it
+    y.sum().backward()
+    torch.testing.assert_close(x.grad, torch.full((3,), 1.5))
+    del y
+    assert alive() is None  # and nothing else does
+
+
+def test_carry_returns_a_tensor_without_a_graph_as_it_is():
+    x, holder = torch.ones(3, requires_grad=True), Halve()
+    constant = torch.ones(3)
+    assert carry(constant, holder) is constant
+    assert carry(x, None) is x
+    with torch.no_grad():
+        assert carry(x, holder) is x
+    record = Replay(weakref.ref(nn.Linear(1, 1)), "post", _noise, 0, torch.get_rng_state())
+    grad = torch.randn(3)
+    assert record.filter(grad) is grad  # a replay record passes the gradient on unchanged

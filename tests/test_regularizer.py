@@ -15,7 +15,7 @@ from models import TinyTransformer
 from torch import nn
 
 from rapt_reg import RandomPerturbationRegularizer, RaptRegError
-from rapt_reg.hooks import NoisyPass, StackHooks
+from rapt_reg.hooks import NoisyPass, StackHooks, output_hidden
 
 DEPTH = 4
 
@@ -580,6 +580,17 @@ def test_the_noise_replaces_the_hidden_states_in_any_output_form(form, layer):
     if form != "tensor":
         assert len(noisy) == len(clean) == 2
     _assert_noise_of_eta_per_example(hidden, clean_hidden)
+
+
+@pytest.mark.parametrize("output", [{}, (), [], (None, torch.ones(2)), {"h": None}, "h"])
+def test_an_output_without_hidden_states_first_is_refused_by_its_type(output):
+    with pytest.raises(RaptRegError) as info:
+        output_hidden(output)
+    assert str(info.value) == (
+        f"a block returned {type(output).__name__}, in which no hidden-state tensor was found "
+        "(expected a tensor, a tuple/list starting with one, or a mapping whose first value is "
+        "one). Pass blocks= naming modules that return their hidden states."
+    )
 
 
 @pytest.mark.promise("penalty-alpha")
