@@ -152,3 +152,17 @@ INFERENCE = {
 def test_the_batch_dim_a_block_call_shows(shape, args, kwargs, expected):
     hidden = _t(*shape)
     assert infer_batch_dim(hidden, (hidden, *args), kwargs) == expected
+
+
+@pytest.mark.promise("layout-detection")
+def test_the_first_forward_decides_the_layout_for_the_later_ones():
+    """T == B on the first forward: nothing tells, so batch dim 0 is kept (reg.stack says so)
+    and later forwards, whose mask would tell, get their noise per index of dim 0 still."""
+    torch.manual_seed(0)
+    model = SeqFirstEncoder().train()
+    with RandomPerturbationRegularizer(model, eta=2.0, min_layer=1, max_layer=1) as reg:
+        _noise_at(model, reg, 1, torch.randint(1, 20, (4, 4)))
+        assert reg.stack.batch_dim == 0
+        delta = _noise_at(model, reg, 1, torch.randint(1, 20, (3, 5)))  # [T=5, B=3, C]
+        assert reg.stack.batch_dim == 0
+    torch.testing.assert_close(delta.abs().amax(dim=(1, 2)), torch.full((5,), 2.0))
