@@ -218,11 +218,12 @@ def test_a_record_is_found_only_by_its_own_hook_at_its_own_rng_state():
 
 def test_a_record_outside_a_stream_is_refused():
     replays = Replays()
-    with replays.stream(seed=1):
-        pass
-    with pytest.raises(RuntimeError) as info:
-        replays.record(nn.Linear(2, 2), "post", _noise, 0)
-    assert str(info.value) == "Replays.record must be called inside Replays.stream"
+    for _ in range(2):  # before any stream, and after one
+        with pytest.raises(RuntimeError) as info:
+            replays.record(nn.Linear(2, 2), "post", _noise, 0)
+        assert str(info.value) == "Replays.record must be called inside Replays.stream"
+        with replays.stream(seed=1):
+            pass
 
 
 def test_a_stream_seeds_the_cpu_rng_and_restores_it():
@@ -329,3 +330,50 @@ def test_carry_returns_a_tensor_without_a_graph_as_it_is():
     record = Replay(weakref.ref(nn.Linear(1, 1)), "post", _noise, 0, torch.get_rng_state())
     grad = torch.randn(3)
     assert record.filter(grad) is grad  # a replay record passes the gradient on unchanged
+
+
+class KeywordBlock(Block):
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return super().forward(hidden_states)
+
+
+class KeywordModel(nn.Module):
+    """Blocks called with ``hidden_states=`` only (Hugging Face's way), each checkpointed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(VOCAB, DIM)
+        self.layers = nn.ModuleList(KeywordBlock(DIM, 2, 0.1) for _ in range(2))
+        self.head = nn.Linear(DIM, 3)
+        self.checkpointed = False
+        self.double()
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        h = self.embed(ids)
+        for layer in self.layers:
+            if self.checkpointed:
+                h = checkpoint(layer, hidden_states=h, use_reentrant=False)
+            else:
+                h = layer(hidden_states=h)
+        return self.head(h.mean(1))
+
+
+@pytest.mark.parametrize("layer", [0, 1])
+def test_blocks_called_by_keyword_replay_their_noise_exactly(layer):
+    torch.manual_seed(0)
+    model = KeywordModel().train()
+    ids = torch.randint(0, VOCAB, (BATCH, SEQ))
+    results = []
+    for checkpointed in (False, True):
+        model.checkpointed = checkpointed
+        model.zero_grad(set_to_none=True)
+        torch.manual_seed(3)
+        gen = torch.Generator().manual_seed(4)
+        with RandomPerturbationRegularizer(
+            model, min_layer=layer, max_layer=layer, generator=gen
+        ) as reg:
+            clean, penalty = reg.pair(lambda: model(ids))
+            (clean.logsumexp(-1).mean() + penalty).backward()
+        results.append({n: p.grad.clone() for n, p in model.named_parameters()})
+    for name in results[0]:
+        torch.testing.assert_close(results[1][name], results[0][name], rtol=0, atol=1e-9)
