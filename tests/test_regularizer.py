@@ -416,6 +416,14 @@ def _half(hidden: torch.Tensor, batch_dim: int) -> torch.Tensor:
     return torch.full_like(hidden, 0.5)
 
 
+def test_a_block_in_two_stacks_is_hooked_once_for_the_first():
+    a, b, c = nn.Linear(2, 2), nn.Linear(2, 2), nn.Linear(2, 2)
+    hooks = StackHooks([[a, b], [b, a, c]], [0, 0], [False, False])
+    assert [len(m._forward_hooks) for m in (a, b, c)] == [1, 1, 1]
+    assert [len(m._forward_pre_hooks) for m in (a, b, c)] == [1, 1, 1]
+    hooks.remove()
+
+
 def test_keep_only_leaves_one_stack_renumbered_as_zero():
     """StackHooks after a forward showed which stack runs: the others' hooks are gone, and the
     kept one is stack 0 with its own batch dim and shared flag; keeping it again changes nothing.
