@@ -10,8 +10,10 @@ every region plain. float64 gradients must agree to 1e-9, and no case is refused
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
+import weakref
 
 import pytest
 import torch
@@ -21,7 +23,8 @@ from models import Block, penalty_step
 from torch import nn
 from torch.utils.checkpoint import checkpoint, checkpoint_sequential
 
-from rapt_reg import RandomPerturbationRegularizer
+from rapt_reg import RandomPerturbationRegularizer, RaptRegError
+from rapt_reg.replay import Replay, Replays, carry
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -183,3 +186,194 @@ def test_checkpoint_sequential_is_exact(segments, reentrant, form):
             results.append({n: p.grad.clone() for n, p in model.named_parameters()})
         for name in results[0]:
             torch.testing.assert_close(results[1][name], results[0][name], rtol=0, atol=1e-9)
+
+
+# -- the replay records themselves (rapt_reg.replay) -------------------------------------------
+
+
+def _noise(hidden: torch.Tensor, batch_dim: int) -> torch.Tensor:
+    return torch.ones_like(hidden)
+
+
+def test_a_record_is_found_only_by_its_own_hook_at_its_own_rng_state():
+    replays, block, other = Replays(), nn.Linear(2, 2), nn.Linear(2, 2)
+    with replays.stream(seed=7):
+        record = replays.record(block, "post", _noise, 1)
+        assert (record.module(), record.where, record.perturb, record.batch_dim) == (
+            block,
+            "post",
+            _noise,
+            1,
+        )
+        assert replays.find(block, "post") is record
+        assert replays.find(block, "pre") is None
+        assert replays.find(other, "post") is None
+        torch.rand(1)  # the RNG moved on: no recomputation is at this point
+        assert replays.find(block, "post") is None
+    replays.clear()
+    assert replays.find(block, "post") is None
+    with replays.stream(seed=7):  # cleared, the records are usable again
+        assert replays.record(block, "pre", _noise, 0) is replays.find(block, "pre")
+
+
+def test_a_record_outside_a_stream_is_refused():
+    replays = Replays()
+    for _ in range(2):  # before any stream, and after one
+        with pytest.raises(RuntimeError) as info:
+            replays.record(nn.Linear(2, 2), "post", _noise, 0)
+        assert str(info.value) == "Replays.record must be called inside Replays.stream"
+        with replays.stream(seed=1):
+            pass
+
+
+def test_a_stream_seeds_the_cpu_rng_and_restores_it():
+    before = torch.get_rng_state()
+    with Replays().stream(seed=123):
+        inside = torch.rand(4)
+    assert torch.equal(torch.get_rng_state(), before)
+    torch.testing.assert_close(inside, torch.rand(4, generator=torch.Generator().manual_seed(123)))
+
+
+class FakeAccelerator:
+    """A device module as torch.random.fork_rng and Replays.stream use it: one RNG per index."""
+
+    def __init__(self, count: int) -> None:
+        self.rngs = [torch.Generator().manual_seed(100 + i) for i in range(count)]
+        self.current = 0
+
+    def device_count(self) -> int:
+        return len(self.rngs)
+
+    def get_rng_state(self, index: int) -> torch.Tensor:
+        return self.rngs[index].get_state()
+
+    def set_rng_state(self, state: torch.Tensor, index: int) -> None:
+        self.rngs[index].set_state(state)
+
+    @contextlib.contextmanager
+    def device(self, index: int):
+        previous, self.current = self.current, index
+        try:
+            yield
+        finally:
+            self.current = previous
+
+    def manual_seed(self, seed: int) -> None:
+        self.rngs[self.current].manual_seed(seed)
+
+
+@pytest.fixture
+def fpga(monkeypatch):
+    """A fake accelerator type: ``torch.fpga`` with three devices (fpga:0 is ``fpga``)."""
+    fake = FakeAccelerator(3)
+    torch.get_device_module.cache_clear()
+    monkeypatch.setattr(torch, "fpga", fake, raising=False)
+    yield fake
+    torch.get_device_module.cache_clear()
+
+
+def test_a_stream_seeds_each_accelerator_in_use_and_restores_them(fpga):
+    before = [rng.get_state() for rng in fpga.rngs]
+    seeded = torch.Generator().manual_seed(5).get_state()
+    devices = [torch.device("cpu"), torch.device("fpga"), torch.device("fpga:1")]
+    with Replays().stream(seed=5, devices=devices):
+        assert torch.equal(fpga.rngs[0].get_state(), seeded)  # no index: device 0
+        assert torch.equal(fpga.rngs[1].get_state(), seeded)
+        assert torch.equal(fpga.rngs[2].get_state(), before[2])  # not in use: untouched
+        fpga.rngs[1].manual_seed(9)  # the pass draws from it
+    for rng, state in zip(fpga.rngs, before):
+        assert torch.equal(rng.get_state(), state)
+    with Replays().stream(seed=5, devices=[torch.device("fpga:2")]):
+        assert torch.equal(fpga.rngs[2].get_state(), seeded)
+        assert torch.equal(fpga.rngs[0].get_state(), before[0])
+
+
+def test_parameters_on_two_accelerator_types_are_refused():
+    before = torch.get_rng_state()
+    devices = [torch.device("cpu"), torch.device("xpu:0"), torch.device("cuda:1")]
+    with pytest.raises(RaptRegError) as info, Replays().stream(seed=1, devices=devices):
+        pass
+    assert str(info.value) == (
+        "the model's parameters are on several accelerator types (['cuda', 'xpu']): RAPT "
+        "supports the CPU plus one accelerator type"
+    )
+    assert torch.equal(torch.get_rng_state(), before)
+
+
+class Halve:
+    """A holder whose filter halves the gradient."""
+
+    def filter(self, grad: torch.Tensor) -> torch.Tensor:
+        return grad / 2
+
+
+def test_carry_keeps_its_holder_as_long_as_the_graph_and_filters_the_gradient():
+    x = torch.ones(3, requires_grad=True)
+    holder = Halve()
+    alive = weakref.ref(holder)
+    y = carry(x * 3, holder)
+    del holder
+    assert alive() is not None  # the graph holds it
+    y.sum().backward()
+    torch.testing.assert_close(x.grad, torch.full((3,), 1.5))
+    del y
+    assert alive() is None  # and nothing else does
+
+
+def test_carry_returns_a_tensor_without_a_graph_as_it_is():
+    x, holder = torch.ones(3, requires_grad=True), Halve()
+    constant = torch.ones(3)
+    assert carry(constant, holder) is constant
+    assert carry(x, None) is x
+    with torch.no_grad():
+        assert carry(x, holder) is x
+    record = Replay(weakref.ref(nn.Linear(1, 1)), "post", _noise, 0, torch.get_rng_state())
+    grad = torch.randn(3)
+    assert record.filter(grad) is grad  # a replay record passes the gradient on unchanged
+
+
+class KeywordBlock(Block):
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return super().forward(hidden_states)
+
+
+class KeywordModel(nn.Module):
+    """Blocks called with ``hidden_states=`` only (Hugging Face's way), each checkpointed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(VOCAB, DIM)
+        self.layers = nn.ModuleList(KeywordBlock(DIM, 2, 0.1) for _ in range(2))
+        self.head = nn.Linear(DIM, 3)
+        self.checkpointed = False
+        self.double()
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        h = self.embed(ids)
+        for layer in self.layers:
+            if self.checkpointed:
+                h = checkpoint(layer, hidden_states=h, use_reentrant=False)
+            else:
+                h = layer(hidden_states=h)
+        return self.head(h.mean(1))
+
+
+@pytest.mark.parametrize("layer", [0, 1])
+def test_blocks_called_by_keyword_replay_their_noise_exactly(layer):
+    torch.manual_seed(0)
+    model = KeywordModel().train()
+    ids = torch.randint(0, VOCAB, (BATCH, SEQ))
+    results = []
+    for checkpointed in (False, True):
+        model.checkpointed = checkpointed
+        model.zero_grad(set_to_none=True)
+        torch.manual_seed(3)
+        gen = torch.Generator().manual_seed(4)
+        with RandomPerturbationRegularizer(
+            model, min_layer=layer, max_layer=layer, generator=gen
+        ) as reg:
+            clean, penalty = reg.pair(lambda: model(ids))
+            (clean.logsumexp(-1).mean() + penalty).backward()
+        results.append({n: p.grad.clone() for n, p in model.named_parameters()})
+    for name in results[0]:
+        torch.testing.assert_close(results[1][name], results[0][name], rtol=0, atol=1e-9)

@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from rapt_reg import RandomPerturbationRegularizer
+from rapt_reg.hooks import infer_batch_dim
 
 DIM = 8
 
@@ -120,3 +121,48 @@ def test_batch_first_attribute_wins_over_shapes():
         handle.remove()
     delta = (seen[1] - seen[0]).detach()
     torch.testing.assert_close(delta.abs().amax(dim=(0, 2)), torch.full((3,), 2.0))
+
+
+def _t(*shape: int) -> torch.Tensor:
+    return torch.zeros(shape)
+
+
+# (hidden shape, the other positional arguments, keyword arguments, the batch dim they show)
+INFERENCE = {
+    "mask [B, T] with [T, B, C] states": ((5, 3, 8), (_t(3, 5),), {}, 1),
+    "mask [B, T] with [B, T, C] states": ((3, 5, 8), (_t(3, 5),), {}, 0),
+    "mask as a keyword": ((5, 3, 8), (), {"padding": _t(3, 5)}, 1),
+    "first telling argument wins": ((5, 3, 8), (_t(5, 3), _t(3, 5)), {}, 0),
+    "non-tensors and other ranks skipped": (
+        (5, 3, 8),
+        (None, 2, True, _t(5), _t(5, 3, 1), _t(2, 2)),
+        {"flag": False, "scale": 1.5, "mask": _t(3, 5)},
+        1,
+    ),
+    "no 2-D argument": ((5, 3, 8), (_t(5, 3, 8),), {}, None),
+    "B == T: both readings fit": ((4, 4, 8), (_t(4, 4),), {}, None),
+    "2-D states": ((4, 6), (_t(6, 4), _t(4, 6)), {}, None),
+    "4-D states": ((5, 3, 2, 8), (_t(3, 5),), {}, 1),
+}
+
+
+@pytest.mark.parametrize(
+    ("shape", "args", "kwargs", "expected"), INFERENCE.values(), ids=list(INFERENCE)
+)
+def test_the_batch_dim_a_block_call_shows(shape, args, kwargs, expected):
+    hidden = _t(*shape)
+    assert infer_batch_dim(hidden, (hidden, *args), kwargs) == expected
+
+
+@pytest.mark.promise("layout-detection")
+def test_the_first_forward_decides_the_layout_for_the_later_ones():
+    """T == B on the first forward: nothing tells, so batch dim 0 is kept (reg.stack says so)
+    and later forwards, whose mask would tell, get their noise per index of dim 0 still."""
+    torch.manual_seed(0)
+    model = SeqFirstEncoder().train()
+    with RandomPerturbationRegularizer(model, eta=2.0, min_layer=1, max_layer=1) as reg:
+        _noise_at(model, reg, 1, torch.randint(1, 20, (4, 4)))
+        assert reg.stack.batch_dim == 0
+        delta = _noise_at(model, reg, 1, torch.randint(1, 20, (3, 5)))  # [T=5, B=3, C]
+        assert reg.stack.batch_dim == 0
+    torch.testing.assert_close(delta.abs().amax(dim=(1, 2)), torch.full((5,), 2.0))

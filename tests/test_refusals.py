@@ -436,6 +436,39 @@ def test_a_refused_call_leaves_the_model_as_it_was(case: str) -> None:
     assert_unchanged(model, before)
 
 
+# The whole message of the refusals the hooks make: what was wrong, and how to fix it.
+HOOK_MESSAGES = {
+    "call inside its own forward": (
+        "a regularizer call was made inside another one's forward pass of the same "
+        "regularizer: call it once per step, outside the model's forward"
+    ),
+    "removed": "this regularizer was removed: build a new one",
+    "block called without a tensor": (
+        "the first block (NoTensorBlock) was called without a tensor argument, so there are no "
+        "hidden states to perturb at layer 0"
+    ),
+    "block returned no tensor": (
+        "a block returned object, in which no hidden-state tensor was found (expected a tensor, "
+        "a tuple/list starting with one, or a mapping whose first value is one). Pass blocks= "
+        "naming modules that return their hidden states."
+    ),
+    "checkpointed shared blocks": (
+        "a checkpointed region holding RAPT's noise is being recomputed, but this stack runs one "
+        "module for several layers (ALBERT-style shared blocks), so the layer cannot be told "
+        "apart: turn gradient checkpointing off for this model"
+    ),
+}
+
+
+@pytest.mark.promise("refusals-name-the-fix")
+@pytest.mark.parametrize("case", HOOK_MESSAGES, ids=list(HOOK_MESSAGES))
+def test_the_hooks_refusals_say_what_was_wrong_and_the_fix(case: str) -> None:
+    make_model, setup = CALL_CASES[case]
+    with pytest.raises(RaptRegError) as info:
+        setup(make_model())()
+    assert str(info.value) == HOOK_MESSAGES[case]
+
+
 def _raise_lines(path: Path) -> set[tuple[str, int]]:
     lines = set()
     for node in ast.walk(ast.parse(path.read_text())):

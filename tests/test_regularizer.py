@@ -7,7 +7,7 @@ import math
 import random
 import re
 import warnings
-from collections import Counter
+from collections import Counter, namedtuple
 
 import pytest
 import torch
@@ -18,6 +18,7 @@ from models import TinyTransformer
 from torch import nn
 
 from rapt_reg import RandomPerturbationRegularizer, RaptRegError
+from rapt_reg.hooks import NoisyPass, StackHooks, output_hidden
 
 DEPTH = 4
 
@@ -412,6 +413,195 @@ def test_two_regularizers_on_one_model_do_not_interfere():
     assert all(torch.equal(a, b) for a, b in zip(seen, clean_inputs))
     for h in handles:
         h.remove()
+
+
+def _half(hidden: torch.Tensor, batch_dim: int) -> torch.Tensor:
+    return torch.full_like(hidden, 0.5)
+
+
+def test_a_block_in_two_stacks_is_hooked_once_for_the_first():
+    a, b, c = nn.Linear(2, 2), nn.Linear(2, 2), nn.Linear(2, 2)
+    hooks = StackHooks([[a, b], [b, a, c]], [0, 0], [False, False])
+    assert [len(m._forward_hooks) for m in (a, b, c)] == [1, 1, 1]
+    assert [len(m._forward_pre_hooks) for m in (a, b, c)] == [1, 1, 1]
+    hooks.remove()
+
+
+def test_keep_only_leaves_one_stack_renumbered_as_zero():
+    """StackHooks after a forward showed which stack runs: the others' hooks are gone, and the
+    kept one is stack 0 with its own batch dim and shared flag; keeping it again changes nothing.
+    """
+    torch.manual_seed(0)
+    a, b = [nn.Linear(4, 4) for _ in range(2)], [nn.Linear(4, 4) for _ in range(2)]
+    x = torch.randn(3, 2, 4)
+    clean = [b[0](x), b[1](b[0](x))]
+    hooks = StackHooks([a, b], [0, 1], [False, True])
+    hooks.keep_only(1)
+    for _ in range(2):
+        assert hooks.batch_dim(0) == 1
+        p = NoisyPass(layer=2, perturb=_half)
+        with hooks.replays.stream(seed=0):
+            with hooks.armed(p):
+                a[1](a[0](x))  # unhooked now: not counted, not another stack
+                out = b[1](b[0](x))
+            assert (p.stack, p.calls, p.others, p.applied) == (0, 2, [], True)
+            torch.testing.assert_close(out, clean[1] + 0.5)
+            with pytest.raises(RaptRegError, match="ALBERT-style shared blocks"):
+                b[1](b[0](x))  # idle, at the noise point's RNG state: b's flag refuses replay
+        hooks.keep_only(0)
+    hooks.remove()
+    hooks.keep_only(0)  # removed: nothing to keep, and no error
+    assert not hooks.installed
+    for block in (*a, *b):
+        assert not block._forward_pre_hooks and not block._forward_hooks
+    torch.testing.assert_close(b[1](b[0](x)), clean[1])
+
+
+# -- how blocks are called and what they return ---------------------------------------------
+
+Pair = namedtuple("Pair", "hidden aux")
+
+
+class AttrDict(dict):
+    """Built from keywords, items read as attributes (the shape of transformers' ModelOutput)."""
+
+    __getattr__ = dict.__getitem__
+
+
+def _pack(form: str, hidden: torch.Tensor, aux: torch.Tensor):
+    packed = {
+        "tensor": hidden,
+        "tuple": (hidden, aux),
+        "namedtuple": Pair(hidden, aux),
+        "list": [hidden, aux],
+        "dict": {"hidden": hidden, "aux": aux},
+        "attrdict": AttrDict(hidden=hidden, aux=aux),
+    }
+    return packed[form]
+
+
+def _unpack(form: str, out) -> tuple[torch.Tensor, torch.Tensor]:
+    if form == "tensor":
+        return out, torch.zeros(())
+    if form in ("tuple", "list"):
+        return out[0], out[1]
+    if form == "dict":
+        return out["hidden"], out["aux"]
+    return out.hidden, out.aux  # namedtuple, attrdict: by attribute
+
+
+class FormBlock(nn.Module):
+    def __init__(self, form: str) -> None:
+        super().__init__()
+        self.fc, self.form = nn.Linear(8, 8), form
+
+    def forward(self, x=None, mask=None, hidden_states=None, states=None, flag=False):
+        if x is None:
+            x = hidden_states if states is None else states
+        if isinstance(x, tuple):
+            x, mask = x
+        return _pack(self.form, x + torch.tanh(self.fc(x)), mask * 2)
+
+
+class FormModel(nn.Module):
+    """Blocks on ``[B, T, C]`` called in one way (``call``), returning one ``form``."""
+
+    def __init__(self, call: str, form: str = "tensor") -> None:
+        super().__init__()
+        self.embed = nn.Embedding(20, 8)
+        self.layers = nn.ModuleList(FormBlock(form) for _ in range(2))
+        self.head = nn.Linear(8, 3)
+        self.call, self.form = call, form
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        h, mask, used = self.embed(ids), torch.ones(ids.shape), 0.0
+        for layer in self.layers:
+            out = {
+                "positional": lambda: layer(h, mask),  # noqa: B023
+                "hidden_states_after_mask": lambda: layer(mask=mask, hidden_states=h),  # noqa: B023
+                "other_keyword": lambda: layer(flag=True, states=h, mask=mask),  # noqa: B023
+                "tuple_argument": lambda: layer((h, mask)),  # noqa: B023
+            }[self.call]()
+            h, aux = _unpack(self.form, out)
+            used = used + aux.sum()
+        return self.head(h.mean(1)) + used
+
+
+def _seen_at(model: FormModel, layer: int) -> list:
+    """What block ``layer`` received (layer 0) or what block ``layer - 1`` returned, as seen
+    after RAPT's hooks, in a clean and then a noisy pass."""
+    seen: list = []
+    ids = torch.randint(0, 20, (3, 5), generator=torch.Generator().manual_seed(0))
+    reg = RandomPerturbationRegularizer(model, blocks="layers", min_layer=layer, max_layer=layer)
+    if layer == 0:
+        hook = model.layers[0].register_forward_pre_hook(
+            lambda m, args, kwargs: seen.append((args, kwargs)), with_kwargs=True
+        )
+    else:
+        hook = model.layers[layer - 1].register_forward_hook(lambda m, a, out: seen.append(out))
+    with reg:
+        assert reg(lambda: model(ids), model(ids)) > 0
+        assert reg.stack.batch_dim == 0
+    hook.remove()
+    return seen
+
+
+def _assert_noise_of_eta_per_example(noisy: torch.Tensor, clean: torch.Tensor) -> None:
+    delta = (noisy - clean).detach()
+    torch.testing.assert_close(delta.abs().amax(dim=(1, 2)), torch.full((3,), 2.0))
+
+
+@pytest.mark.parametrize("call", ["positional", "hidden_states_after_mask", "other_keyword"])
+def test_layer_zero_noise_goes_to_the_hidden_states_however_the_block_is_called(call):
+    """The hidden states are the first positional tensor, else ``hidden_states=``, else the
+    first tensor keyword; the noise goes there and every other argument is passed on as it was.
+    """
+    torch.manual_seed(0)
+    (clean_args, clean_kwargs), (args, kwargs) = _seen_at(FormModel(call), 0)
+    assert len(args) == len(clean_args) and kwargs.keys() == clean_kwargs.keys()
+    if call == "positional":
+        hidden, clean_hidden = args[0], clean_args[0]
+        assert torch.equal(args[1], clean_args[1])
+    else:
+        key = "hidden_states" if call == "hidden_states_after_mask" else "states"
+        hidden, clean_hidden = kwargs[key], clean_kwargs[key]
+        for name in kwargs.keys() - {key}:  # the mask as it was; flag=True a bool still
+            other, clean_other = kwargs[name], clean_kwargs[name]
+            assert type(other) is type(clean_other)
+            assert torch.equal(other, clean_other) if name == "mask" else other == clean_other
+    _assert_noise_of_eta_per_example(hidden, clean_hidden)
+
+
+def test_a_block_called_without_a_tensor_is_perturbed_at_its_output_with_batch_dim_0():
+    torch.manual_seed(0)
+    clean, noisy = _seen_at(FormModel("tuple_argument"), 1)
+    _assert_noise_of_eta_per_example(noisy, clean)
+
+
+@pytest.mark.parametrize("form", ["tensor", "tuple", "namedtuple", "list", "dict", "attrdict"])
+@pytest.mark.parametrize("layer", [1, 2])
+def test_the_noise_replaces_the_hidden_states_in_any_output_form(form, layer):
+    """The output keeps its type and every other item; only its hidden states get noise."""
+    torch.manual_seed(0)
+    clean, noisy = _seen_at(FormModel("positional", form), layer)
+    assert type(noisy) is type(clean)
+    hidden, aux = _unpack(form, noisy)
+    clean_hidden, clean_aux = _unpack(form, clean)
+    assert torch.equal(aux, clean_aux)
+    if form != "tensor":
+        assert len(noisy) == len(clean) == 2
+    _assert_noise_of_eta_per_example(hidden, clean_hidden)
+
+
+@pytest.mark.parametrize("output", [{}, (), [], (None, torch.ones(2)), {"h": None}, "h"])
+def test_an_output_without_hidden_states_first_is_refused_by_its_type(output):
+    with pytest.raises(RaptRegError) as info:
+        output_hidden(output)
+    assert str(info.value) == (
+        f"a block returned {type(output).__name__}, in which no hidden-state tensor was found "
+        "(expected a tensor, a tuple/list starting with one, or a mapping whose first value is "
+        "one). Pass blocks= naming modules that return their hidden states."
+    )
 
 
 @pytest.mark.promise("penalty-alpha")
