@@ -165,3 +165,11 @@ def test_ci_tests_the_lower_bounds_the_metadata_states():
     assert metadata["Requires-Python"] == f">={sys.version_info.major}.{sys.version_info.minor}"
     torch_version = torch.__version__.split("+")[0]
     assert f"torch>={torch_version.rsplit('.', 1)[0]}" in (_installed().requires or [])
+
+
+@pytest.mark.promise("ci-mutation-score")
+def test_ci_runs_the_mutation_score_of_replay_and_discovery_with_a_90_percent_floor():
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert "\npython scripts/mutation.py --modules replay,discovery\n" in ci
+    script = (ROOT / "scripts" / "mutation.py").read_text()
+    assert 'parser.add_argument("--min-score", type=float, default=90.0)' in script

@@ -4,6 +4,7 @@ import copy
 import inspect
 import json
 import math
+import os
 import random
 import re
 import warnings
@@ -19,6 +20,9 @@ from torch import nn
 
 from rapt_reg import RandomPerturbationRegularizer, RaptRegError
 from rapt_reg.hooks import NoisyPass, StackHooks, output_hidden
+
+# scripts/mutation.py runs the tests on mutmut's copy of the package (RAPT_REG_MUTATION=1).
+UNDER_MUTATION = os.environ.get("RAPT_REG_MUTATION") == "1"
 
 DEPTH = 4
 
@@ -981,7 +985,8 @@ def test_the_eval_mode_warning_word_for_word_points_at_the_caller():
         "the model is in eval mode: RandomPerturbationRegularizer adds noise only in training "
         "mode, so the penalty is 0 (call model.train() to regularize). This is said once."
     )
-    assert warning.filename == __file__
+    if not UNDER_MUTATION:  # mutmut's trampolines add frames between caller and library
+        assert warning.filename == __file__
 
 
 @pytest.mark.parametrize(
@@ -1033,7 +1038,8 @@ def test_an_exactly_zero_penalty_is_said_once_word_for_word(blocks, where):
     reg = RandomPerturbationRegularizer(model, blocks=blocks, eta=1.0, max_layer=2)
     caught = zero_penalty_warnings(reg, steps=3)
     assert [str(w.message) for w in caught] == [ZERO_PENALTY.format(1.0, where)]
-    assert (caught[0].filename, caught[0].lineno) == (__file__, READ_LINE[0])
+    if not UNDER_MUTATION:  # mutmut's trampolines add frames between caller and library
+        assert (caught[0].filename, caught[0].lineno) == (__file__, READ_LINE[0])
 
 
 @pytest.mark.parametrize("kwargs", [{"eta": 0.0}, {"alpha": 0.0}])
