@@ -53,6 +53,10 @@ DOCS = ROOT / "docs" / "guarantees.md"
 BEGIN, END = "<!-- mutation:begin -->", "<!-- mutation:end -->"
 # mutmut's exit codes (mutmut/stats.py): what counts as killed.
 KILLED = {1: "killed", 3: "killed", 36: "timeout", 24: "timeout", -24: "timeout", 37: "typed"}
+# Mutation runs: a fraction of the generated cases (see the docstring), one thread per test.
+SCREENING = dict(
+    RAPT_REG_MUTATION="1", RAPT_HARDENING_SCALE="0.2", OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1"
+)
 
 
 def run_mutmut(names: list[str], max_children: int) -> None:
@@ -75,9 +79,7 @@ def run_mutmut(names: list[str], max_children: int) -> None:
             return _submit(self, mutant, sorted(tests, key=lambda t: durations.get(t, 0.0)), *args)
 
         runner.submit = fastest_first
-    os.environ.update(
-        RAPT_REG_MUTATION="1", RAPT_HARDENING_SCALE="0.2", OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1"
-    )
+    os.environ.update(SCREENING)
     try:
         cli(["run", "--max-children", str(max_children), *names])
     except SystemExit as exit:
@@ -119,7 +121,7 @@ def rerun_survivors(names: list[str], tests: list[str], max_children: int) -> No
     does); one forked pytest per mutant, two at a time, a hung one killed after 120 s.
     """
     shutil.copytree(ROOT / "tests", ROOT / "mutants" / "tests", dirs_exist_ok=True)
-    os.environ.update(RAPT_REG_MUTATION="1", RAPT_HARDENING_SCALE="0.2", OMP_NUM_THREADS="1")
+    os.environ.update(SCREENING)
     os.chdir(ROOT / "mutants")
     sys.path.insert(0, str(ROOT / "mutants"))
     import pytest
