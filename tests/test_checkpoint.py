@@ -162,6 +162,24 @@ class Sequential(nn.Module):
         return self.head(h.mean(1))
 
 
+def _grads_at(model: nn.Module, forward, layer: int, form: str) -> dict[str, torch.Tensor]:
+    """Every parameter's gradient after one RAPT step at ``layer`` (fixed seeds)."""
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(3)
+    gen = torch.Generator().manual_seed(4)
+    with RandomPerturbationRegularizer(
+        model, min_layer=layer, max_layer=layer, generator=gen
+    ) as reg:
+        clean, penalty = penalty_step(reg, forward, form)
+        (clean.logsumexp(-1).mean() + penalty).backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+def _assert_same_grads(ours: dict, reference: dict) -> None:
+    for name in reference:
+        torch.testing.assert_close(ours[name], reference[name], rtol=0, atol=1e-9)
+
+
 @pytest.mark.promise("checkpoint-exact")
 @pytest.mark.parametrize("reentrant", [False, True], ids=["non_reentrant", "reentrant"])
 @pytest.mark.parametrize("segments", [1, 2, 4])
@@ -175,17 +193,8 @@ def test_checkpoint_sequential_is_exact(segments, reentrant, form):
         results = []
         for segs in (0, segments):
             model.segments, model.reentrant = segs, reentrant
-            model.zero_grad(set_to_none=True)
-            torch.manual_seed(3)
-            gen = torch.Generator().manual_seed(4)
-            with RandomPerturbationRegularizer(
-                model, min_layer=layer, max_layer=layer, generator=gen
-            ) as reg:
-                clean, penalty = penalty_step(reg, functools.partial(model, ids), form)
-                (clean.logsumexp(-1).mean() + penalty).backward()
-            results.append({n: p.grad.clone() for n, p in model.named_parameters()})
-        for name in results[0]:
-            torch.testing.assert_close(results[1][name], results[0][name], rtol=0, atol=1e-9)
+            results.append(_grads_at(model, functools.partial(model, ids), layer, form))
+        _assert_same_grads(results[1], results[0])
 
 
 # -- the replay records themselves (rapt_reg.replay) -------------------------------------------
@@ -366,14 +375,5 @@ def test_blocks_called_by_keyword_replay_their_noise_exactly(layer):
     results = []
     for checkpointed in (False, True):
         model.checkpointed = checkpointed
-        model.zero_grad(set_to_none=True)
-        torch.manual_seed(3)
-        gen = torch.Generator().manual_seed(4)
-        with RandomPerturbationRegularizer(
-            model, min_layer=layer, max_layer=layer, generator=gen
-        ) as reg:
-            clean, penalty = reg.pair(lambda: model(ids))
-            (clean.logsumexp(-1).mean() + penalty).backward()
-        results.append({n: p.grad.clone() for n, p in model.named_parameters()})
-    for name in results[0]:
-        torch.testing.assert_close(results[1][name], results[0][name], rtol=0, atol=1e-9)
+        results.append(_grads_at(model, lambda: model(ids), layer, "pair"))
+    _assert_same_grads(results[1], results[0])
