@@ -35,9 +35,10 @@ class BlockStack:
             given by hand.
         names: Dotted path of each block.
         blocks: The block modules. One module may appear once yet run several times per
-            forward (ALBERT's shared layer): layers are counted by call, not by module.
-        calls_per_forward: How many block calls one forward makes (``len(blocks)`` unless the
-            model's config reports more layers than the stack has modules).
+            forward (ALBERT's shared layer, a looped stack): layers are counted by call, not
+            by module.
+        calls_per_forward: How many block calls the last noisy forward made: counted on the
+            forward that ran, never taken from a config (None before the first one).
         batch_dim: The dimension of the hidden states that indexes examples: from a
             ``batch_first`` attribute in the block (1 for ``nn.TransformerEncoderLayer`` with
             ``batch_first=False``), or given as ``batch_dim=``; None when neither says, until
@@ -48,7 +49,7 @@ class BlockStack:
     path: str
     names: tuple[str, ...]
     blocks: tuple[nn.Module, ...]
-    calls_per_forward: int
+    calls_per_forward: Optional[int] = None
     batch_dim: Optional[int] = None
 
     def __len__(self) -> int:
@@ -57,6 +58,11 @@ class BlockStack:
     def with_batch_dim(self, batch_dim: int) -> BlockStack:
         """This stack with ``batch_dim`` set by the user."""
         return replace(self, batch_dim=batch_dim)
+
+    def with_calls(self, calls: int, batch_dim: int) -> BlockStack:
+        """This stack as a forward showed it: its block calls, and its batch dim if unknown."""
+        known = batch_dim if self.batch_dim is None else self.batch_dim
+        return replace(self, calls_per_forward=calls, batch_dim=known)
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
@@ -98,26 +104,10 @@ def _batch_dim(block: nn.Module) -> Optional[int]:
     return None
 
 
-def _layer_count_hint(model: nn.Module) -> Optional[int]:
-    config = getattr(model, "config", None)
-    count = getattr(config, "num_hidden_layers", None)
-    return count if isinstance(count, int) and count > 0 else None
-
-
-def _make_stack(model: nn.Module, path: str, members: list[tuple[str, nn.Module]]) -> BlockStack:
-    prefix = f"{path}." if path else ""
+def _make_stack(path: str, members: list[tuple[str, nn.Module]]) -> BlockStack:
     blocks = tuple(m for _, m in members)
-    calls = len(blocks)
-    hint = _layer_count_hint(model)
-    if hint is not None and hint > calls and hint % calls == 0:
-        calls = hint  # a shared block run several times per forward (ALBERT)
-    return BlockStack(
-        path=path,
-        names=tuple(prefix + n for n, _ in members),
-        blocks=blocks,
-        calls_per_forward=calls,
-        batch_dim=_batch_dim(blocks[0]),
-    )
+    names = tuple(f"{path}.{n}" if path else n for n, _ in members)
+    return BlockStack(path=path, names=names, blocks=blocks, batch_dim=_batch_dim(blocks[0]))
 
 
 def _describe(path: str, container: nn.Module) -> str:
@@ -156,7 +146,7 @@ def find_block_stacks(model: nn.Module, *, prefer: Optional[str] = "encoder") ->
             f"{len(seen)} containers: {'; '.join(seen) or 'none'}. Pass blocks='dotted.path' "
             "(or a list of modules) to say which modules are the blocks."
         )
-    stacks = [_make_stack(model, path, members) for path, members in found]
+    stacks = [_make_stack(path, members) for path, members in found]
     if prefer:
         preferred = [s for s in stacks if any(prefer in part for part in s.path.split("."))]
         if preferred:
@@ -225,8 +215,8 @@ def resolve_blocks(model: nn.Module, blocks: BlocksSpec) -> BlockStack:
         if isinstance(target, _CONTAINERS):
             if len(target) == 0:
                 raise BlockDiscoveryError(f"blocks={blocks!r} is an empty container")
-            return _make_stack(model, blocks, _members(target))
-        return _make_stack(model, "", [(blocks, target)])
+            return _make_stack(blocks, _members(target))
+        return _make_stack("", [(blocks, target)])
     if isinstance(blocks, nn.Module):
         raise BlockDiscoveryError(
             "blocks= got a single module: pass its dotted path, or a list of the block modules"
@@ -244,10 +234,4 @@ def resolve_blocks(model: nn.Module, blocks: BlocksSpec) -> BlockStack:
             )
     if not members:
         raise BlockDiscoveryError("blocks= is empty: pass a dotted path or a list of modules")
-    return BlockStack(
-        path="",
-        names=tuple(n for n, _ in members),
-        blocks=tuple(m for _, m in members),
-        calls_per_forward=len(members),
-        batch_dim=_batch_dim(members[0][1]),
-    )
+    return _make_stack("", members)

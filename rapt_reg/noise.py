@@ -1,16 +1,16 @@
 """Sampling and scaling of the perturbation: pure tensor functions.
 
 Algorithm 1, lines 5-6 of the RAPT paper: ``delta ~ N(0, sigma^2 I)``, then
-``delta <- eta * delta / ||delta||_inf``. The norm is taken per example, over all of that
-example's positions and features, so every example's noise has inf-norm exactly ``eta`` and
-``sigma`` cancels.
+``delta <- eta * delta / ||delta||_inf``, the norm taken per example over all of its positions
+and features, so every example's noise has inf-norm exactly ``eta`` and ``sigma`` cancels.
 
-Padded and packed batches: with ``noise_mask`` (True on real tokens) padding gets no noise
-and each example's norm is taken over its real tokens only, so the noise on real tokens does
-not depend on how much padding the batch holds; with ``segment_ids`` every (row, segment) pair
-of a packed batch is scaled as one example. Both are given ``[batch, seq]``, whatever the
-layout of the hidden states (``batch_dim=0``: ``[batch, seq, ...]``; ``batch_dim=1``:
-``[seq, batch, ...]``). Everything is vectorised: no host syncs, no boolean indexing.
+One path serves every case: the states are viewed batch-first as ``[batch, positions,
+features]`` (positions: the dimension after the batch's) and the norm is taken over the
+positions a ``noise_mask`` keeps (no mask: all of them). With ``noise_mask`` (``[batch, seq]``,
+True on real tokens) padding gets no noise and an example's norm is taken over its real tokens
+only, so its noise does not depend on the padding; with ``segment_ids`` every (row, segment)
+pair of a packed batch is scaled as one example. Both are ``[batch, seq]`` whatever the layout
+(``batch_dim=1``: ``[seq, batch, ...]``). Vectorised: no host syncs.
 """
 
 from __future__ import annotations
@@ -26,42 +26,31 @@ NORMS = ("inf", "l2", None)
 ETA_SCALES = ("absolute", "hidden_rms")
 """What eta is measured in: absolute (the paper), or RMS(h) of each example's hidden states."""
 
-# The smallest divisor used when scaling; only reached when a sample is exactly zero (or an
-# example has no real token, whose noise is then zero).
-_TINY = 1e-30
-
-
-def _reduce_dims(ndim: int, batch_dim: int, per_token: bool) -> tuple[int, ...]:
-    """Dimensions a norm reduces over: all but the batch dim (and the positions, per token)."""
-    if per_token:
-        return (ndim - 1,)
-    return tuple(d for d in range(ndim) if d != batch_dim % ndim)
+_TINY = 1e-30  # the smallest divisor: reached only by an all-zero sample (or no real token)
 
 
 def check_token_masks(
     noise_mask: Optional[torch.Tensor],
     segment_ids: Optional[torch.Tensor],
-    shape: Optional[torch.Size | tuple[int, ...]] = None,
+    shape: Optional[tuple[int, ...]] = None,
     batch_dim: int = 0,
+    stack: str = "",
 ) -> None:
-    """Raise a :class:`~rapt_reg.RaptRegError` unless the masks fit hidden states of ``shape``.
+    """Refuse masks that are not bool / integer ``[batch, seq]`` of states of ``shape``.
 
     Args:
         noise_mask: None, or a bool tensor ``[batch, seq]``.
         segment_ids: None, or an integer tensor ``[batch, seq]``.
         shape: Shape of the hidden states; None checks types only.
-        batch_dim: Which dimension of ``shape`` indexes examples (the other of the first two
-            indexes positions).
+        batch_dim: Which dimension of ``shape`` indexes examples.
+        stack: The perturbed stack's path, named in the error.
 
     Raises:
         RaptRegError: naming the shapes expected and received, and the fix.
     """
-    given = [
-        (n, m)
-        for n, m in (("noise_mask", noise_mask), ("segment_ids", segment_ids))
-        if m is not None
-    ]
-    for name, value in given:
+    both = {"noise_mask": noise_mask, "segment_ids": segment_ids}
+    given = {name: mask for name, mask in both.items() if mask is not None}
+    for name, value in given.items():
         if not isinstance(value, torch.Tensor) or value.ndim != 2:
             got = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
             raise RaptRegError(f"{name} must be a tensor [batch, seq], got {got}")
@@ -70,103 +59,61 @@ def check_token_masks(
             f"noise_mask must be a bool tensor (True on real tokens), got {noise_mask.dtype}: "
             "pass attention_mask.bool()"
         )
-    if segment_ids is not None and (
-        segment_ids.is_floating_point()
-        or segment_ids.is_complex()
-        or segment_ids.dtype == torch.bool
-    ):
+    if segment_ids is not None and (segment_ids.is_floating_point() or segment_ids.is_complex()
+                                    or segment_ids.dtype == torch.bool):  # fmt: skip
         raise RaptRegError(
             f"segment_ids must be an integer tensor (one id per packed example), got "
             f"{segment_ids.dtype}: pass e.g. (position_ids == 0).cumsum(-1)"
         )
     if shape is None or not given:
         return
+    where = f"the hidden states of {stack!r}" if stack else "the perturbed hidden states"
+    fix = "pass blocks= naming the stack whose [batch, seq] they describe"
     if len(shape) < 2 or batch_dim % len(shape) not in (0, 1):
         raise RaptRegError(
             f"noise_mask/segment_ids need hidden states [batch, seq, ...] or [seq, batch, ...], "
-            f"but the perturbed hidden states have shape {tuple(shape)} with batch_dim="
-            f"{batch_dim}: leave them out for this model"
+            f"but {where} have shape {tuple(shape)} with batch_dim={batch_dim}: leave them out "
+            f"for this model, or {fix}"
         )
     batch_dim %= len(shape)
     expected = (shape[batch_dim], shape[1 - batch_dim])
-    for name, value in given:
+    for name, value in given.items():
         if tuple(value.shape) != expected:
             raise RaptRegError(
-                f"{name} has shape {tuple(value.shape)} but the perturbed hidden states "
-                f"{tuple(shape)} (batch_dim={batch_dim}) need [batch, seq] = {expected}: pass "
-                f"the {name} of the same batch, as seen by the perturbed blocks (e.g. the "
-                "encoder's attention_mask, not the decoder's)"
+                f"{name} has shape {tuple(value.shape)} but {where} {tuple(shape)} (batch_dim="
+                f"{batch_dim}) need [batch, seq] = {expected}: pass the {name} of the same batch "
+                f"as those blocks see it (the encoder's, not the decoder's), or {fix}"
             )
 
 
-def _keep(noise_mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """``noise_mask`` on ``like``'s device, broadcastable to batch-first ``like``."""
-    return noise_mask.to(like.device).reshape(*noise_mask.shape, *(1,) * (like.ndim - 2))
+def _groups(x: torch.Tensor, batch_dim: int) -> torch.Tensor:
+    """``x`` batch-first as ``[batch, positions, features]`` (a view where possible)."""
+    first = x.movedim(batch_dim, 0) if x.ndim else x.reshape(1)
+    positions = first.shape[1] if first.ndim > 1 else 1
+    return first.reshape(first.shape[0], positions, math.prod(first.shape[2:]))
 
 
-def token_mask_like(
-    noise_mask: torch.Tensor, hidden: torch.Tensor, batch_dim: int = 0
-) -> torch.Tensor:
-    """``noise_mask`` ``[batch, seq]`` as a bool tensor broadcastable to ``hidden``'s layout.
-
-    Raises:
-        RaptRegError: if it does not fit (see :func:`check_token_masks`).
-    """
-    check_token_masks(noise_mask, None, hidden.shape, batch_dim)
-    keep = noise_mask.to(hidden.device)
-    keep = keep.t() if batch_dim % hidden.ndim == 1 else keep
-    return keep.reshape(*keep.shape, *(1,) * (hidden.ndim - 2))
-
-
-def _segment_total(values: torch.Tensor, segment_ids: torch.Tensor, reduce: str) -> torch.Tensor:
-    """Per position, the ``reduce`` ("amax" or "sum") of ``values`` over its (row, segment).
-
-    Any integer ids work (not only contiguous runs from 0): sorting each row ranks them into
-    group numbers in ``[0, seq)``, which ``scatter_reduce`` can index, all on the device.
-    """
-    ids = segment_ids.to(values.device)
-    sorted_ids, order = ids.sort(dim=1)
+def _total(values: torch.Tensor, per_token: bool, segment_ids: Optional[torch.Tensor], reduce: str):
+    """``values`` ``[batch, positions]`` (>= 0) reduced ("amax"/"sum") over each one's group:
+    the position itself (``per_token``), its (row, segment) pair, or its row. Segment ids may be
+    any integers: sorting each row ranks them into groups ``scatter_reduce`` can index."""
+    if per_token:
+        return values
+    if segment_ids is None:
+        return values.amax(1, keepdim=True) if reduce == "amax" else values.sum(1, keepdim=True)
+    sorted_ids, order = segment_ids.to(values.device).sort(dim=1)
     starts = torch.ones_like(sorted_ids, dtype=torch.bool)
     starts[:, 1:] = sorted_ids[:, 1:] != sorted_ids[:, :-1]
     group = torch.empty_like(order).scatter_(1, order, starts.long().cumsum(1) - 1)
-    # values >= 0 here, so zeros are a neutral start for "amax" as well as for "sum".
     totals = torch.zeros_like(values).scatter_reduce(1, group, values, reduce=reduce)
     return totals.gather(1, group)
 
 
-def _group_total(
-    per_position: torch.Tensor, per_token: bool, segment_ids: Optional[torch.Tensor], reduce: str
-) -> torch.Tensor:
-    """``per_position`` ``[batch, seq]`` reduced over each position's example (or segment)."""
-    if per_token:
-        return per_position
-    if segment_ids is not None:
-        return _segment_total(per_position, segment_ids, reduce)
-    if reduce == "amax":
-        return per_position.amax(1, keepdim=True)
-    return per_position.sum(1, keepdim=True)
-
-
-def _masked_scale(
-    delta: torch.Tensor,
-    eta: float,
-    norm: str,
-    per_token: bool,
-    noise_mask: Optional[torch.Tensor],
-    segment_ids: Optional[torch.Tensor],
-) -> torch.Tensor:
-    """:func:`scale_noise` with masks, on batch-first ``delta`` ``[batch, seq, ...]``."""
-    if noise_mask is not None:
-        delta = torch.where(_keep(noise_mask, delta), delta, 0.0)
-    features = tuple(range(2, delta.ndim))
-    if norm == "inf":
-        size = delta.abs().amax(dim=features) if features else delta.abs()
-        size = _group_total(size, per_token, segment_ids, "amax")
-    else:
-        size = delta.square().sum(dim=features) if features else delta.square()
-        size = _group_total(size, per_token, segment_ids, "sum").sqrt()
-    size = size.reshape(*size.shape, *(1,) * len(features))
-    return delta * (eta / size.clamp_min(_TINY))
+def _keep(noise_mask: Optional[torch.Tensor], groups: torch.Tensor) -> torch.Tensor:
+    """The mask as ``[batch, positions, 1]`` on ``groups``' device (no mask: all True)."""
+    if noise_mask is None:
+        return torch.ones((*groups.shape[:2], 1), dtype=torch.bool, device=groups.device)
+    return noise_mask.to(groups.device)[..., None]
 
 
 def scale_noise(
@@ -179,26 +126,21 @@ def scale_noise(
     noise_mask: Optional[torch.Tensor] = None,
     segment_ids: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    """Rescale raw noise so that each example (or each token) has norm ``eta``.
+    """Rescale raw noise so that each example (or position) has norm ``eta``; zero padding.
 
     Args:
         delta: Raw noise, e.g. ``[batch, seq, hidden]``.
         eta: Target norm (the paper's eta).
-        norm: ``"inf"`` (the paper), ``"l2"``, or ``None`` to return ``delta`` unscaled
-            (masked positions still zeroed).
+        norm: ``"inf"`` (the paper), ``"l2"``, or ``None`` (unscaled; padding still zeroed).
         batch_dim: Which dimension indexes examples.
-        per_token: Scale each position's feature vector separately instead of each example.
-        noise_mask: Optional bool ``[batch, seq]``, True on real tokens. False positions get
-            exactly zero noise, and each example's norm is taken over its True positions
-            only. An example with no True position gets no noise (zero, not an error).
-        segment_ids: Optional integer ``[batch, seq]`` for packed rows: each (row, segment id)
-            pair is scaled as one example. Ignored with ``per_token``.
+        per_token: Scale each position (the dimension after the batch's) on its own.
+        noise_mask: Optional bool ``[batch, seq]``, True on real tokens: the others get
+            exactly zero noise, and each example's norm is over its real tokens (none: zero).
+        segment_ids: Optional integer ``[batch, seq]``: each (row, segment id) pair of a packed
+            row is scaled as one example.
 
     Returns:
-        A tensor of the same shape and dtype as ``delta``.
-
-    Raises:
-        RaptRegError: for an unknown ``norm``, or masks that do not fit ``delta``.
+        A tensor of ``delta``'s shape and dtype.
 
     Example:
         >>> d = scale_noise(torch.randn(2, 3, 4), eta=2.0)
@@ -206,33 +148,21 @@ def scale_noise(
         tensor([2., 2.])
         >>> mask = torch.tensor([[True, True, False], [True, False, False]])
         >>> d = scale_noise(torch.randn(2, 3, 4), eta=2.0, noise_mask=mask)
-        >>> bool((d[~mask] == 0).all())
-        True
-        >>> torch.stack([d[0, :2].abs().max(), d[1, :1].abs().max()]).round(decimals=4)
-        tensor([2., 2.])
+        >>> bool((d[~mask] == 0).all()), d[0, :2].abs().max().item(), d[1, 0].abs().max().item()
+        (True, 2.0, 2.0)
     """
     if norm not in NORMS:
         raise RaptRegError(f"norm must be one of {NORMS}, got {norm!r}")
-    if noise_mask is not None or segment_ids is not None:
-        check_token_masks(noise_mask, segment_ids, delta.shape, batch_dim)
-        first = delta.movedim(batch_dim, 0)
-        if norm is None:
-            scaled = (
-                first if noise_mask is None else torch.where(_keep(noise_mask, first), first, 0.0)
-            )
+    check_token_masks(noise_mask, segment_ids, tuple(delta.shape), batch_dim)
+    groups = _groups(delta, batch_dim)
+    groups = torch.where(_keep(noise_mask, groups), groups, 0.0)
+    if norm is not None:
+        if norm == "inf":
+            size = _total(groups.abs().amax(-1), per_token, segment_ids, "amax")
         else:
-            scaled = _masked_scale(first, eta, norm, per_token, noise_mask, segment_ids)
-        return scaled.movedim(0, batch_dim)
-    if norm is None:
-        return delta
-    dims = _reduce_dims(delta.ndim, batch_dim, per_token)
-    if not dims:  # one number per example: it is its own norm (reducing over () means all)
-        size = delta.abs()
-    elif norm == "inf":
-        size = delta.abs().amax(dim=dims, keepdim=True)
-    else:
-        size = delta.square().sum(dim=dims, keepdim=True).sqrt()
-    return delta * (eta / size.clamp_min(_TINY))
+            size = _total(groups.square().sum(-1), per_token, segment_ids, "sum").sqrt()
+        groups = groups * (eta / size.clamp_min(_TINY))[..., None]
+    return groups.reshape(delta.movedim(batch_dim, 0).shape).movedim(0, batch_dim)
 
 
 def hidden_rms(
@@ -243,49 +173,27 @@ def hidden_rms(
     noise_mask: Optional[torch.Tensor] = None,
     segment_ids: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    """Root mean square of ``hidden`` per example (or segment, or token), over real tokens.
+    """RMS of ``hidden`` per example (segment, position) over its real tokens, no gradient.
 
-    The scale ``eta_scale="hidden_rms"`` multiplies the noise by: with it, each example's
-    noise has inf-norm ``eta * RMS(h)``, so ``eta`` is relative to that example's hidden
-    states. Computed without gradient, in float32 (at least).
-
-    Args:
-        hidden: Hidden states, e.g. ``[batch, seq, hidden]``.
-        batch_dim: Which dimension indexes examples.
-        per_token: One RMS per position (over its features) instead of per example.
-        noise_mask: Optional bool ``[batch, seq]``: only True positions count (as in
-            :func:`scale_noise`); an example without any has RMS 0.
-        segment_ids: Optional integer ``[batch, seq]``: one RMS per (row, segment).
-
-    Returns:
-        A tensor with ``hidden``'s number of dims, broadcastable to it (size 1 along the dims
-        reduced over), of dtype float32 or float64.
+    ``eta_scale="hidden_rms"`` multiplies the noise by it, so that ``eta`` is relative to the
+    hidden states' size. Arguments as for :func:`scale_noise`; the result is float32 (at
+    least), broadcastable to ``hidden`` (size 1 along the dims reduced over).
 
     Example:
         >>> hidden_rms(torch.full((2, 3, 4), 3.0)).flatten()
         tensor([3., 3.])
     """
-    work = hidden.detach().to(torch.promote_types(hidden.dtype, torch.float32))
-    if noise_mask is None and segment_ids is None:
-        dims = _reduce_dims(work.ndim, batch_dim, per_token)
-        if not dims:
-            return work.abs()
-        return work.square().mean(dim=dims, keepdim=True).sqrt()
-    check_token_masks(noise_mask, segment_ids, work.shape, batch_dim)
-    first = work.movedim(batch_dim, 0)
-    features = tuple(range(2, first.ndim))
-    square = first.square()
-    count = torch.full(
-        first.shape[:2], float(math.prod(first.shape[2:])), dtype=first.dtype, device=first.device
+    check_token_masks(noise_mask, segment_ids, tuple(hidden.shape), batch_dim)
+    groups = _groups(
+        hidden.detach().to(torch.promote_types(hidden.dtype, torch.float32)), batch_dim
     )
-    if noise_mask is not None:
-        square = torch.where(_keep(noise_mask, first), square, 0.0)
-        count = torch.where(noise_mask.to(first.device), count, 0.0)
-    total = square.sum(dim=features) if features else square
-    total = _group_total(total, per_token, segment_ids, "sum")
-    count = _group_total(count, per_token, segment_ids, "sum")
+    keep = _keep(noise_mask, groups)
+    total = _total(torch.where(keep, groups.square(), 0.0).sum(-1), per_token, segment_ids, "sum")
+    count = _total(keep[..., 0] * float(groups.shape[-1]), per_token, segment_ids, "sum")
     rms = (total / count.clamp_min(1.0)).sqrt()
-    return rms.reshape(*rms.shape, *(1,) * len(features)).movedim(0, batch_dim)
+    if hidden.ndim < 2:
+        return rms.reshape(hidden.shape)
+    return rms.reshape(*rms.shape[:2], *(1,) * (hidden.ndim - 2)).movedim(0, batch_dim)
 
 
 def sample_noise(
@@ -305,27 +213,11 @@ def sample_noise(
 ) -> torch.Tensor:
     """Draw ``delta ~ N(0, sigma^2 I)`` and rescale it with :func:`scale_noise`.
 
-    The sample and its scaling are computed in at least float32 and cast to ``dtype`` at the
-    end, so a half-precision model gets noise whose norm is ``eta`` rounded once.
-
-    Args:
-        shape: Shape of the hidden states to perturb.
-        eta: Target norm per example (the paper's eta); unused when ``norm`` is None.
-        sigma: Standard deviation of the raw Gaussian (cancels unless ``norm`` is None).
-        norm: ``"inf"``, ``"l2"`` or ``None`` (raw ``N(0, sigma^2)`` noise).
-        batch_dim: Which dimension indexes examples.
-        per_token: Scale each position separately.
-        dtype: dtype of the returned noise.
-        device: Device of the returned noise (the generator's device if it has one).
-        generator: Source of randomness; the global RNG when None.
-        noise_mask: Bool ``[batch, seq]``, True on real tokens (see :func:`scale_noise`).
-        segment_ids: Integer ``[batch, seq]`` for packed rows (see :func:`scale_noise`).
-        scale: Optional tensor broadcastable to ``shape`` (e.g. :func:`hidden_rms` of the
-            hidden states) multiplying the scaled noise before the cast: the norm becomes
-            ``eta * scale``.
-
-    Returns:
-        The noise tensor.
+    Drawn and scaled in float32 (at least), cast to ``dtype`` last: a half-precision model's
+    noise has norm ``eta`` rounded once. Drawn on the generator's device (else ``device``),
+    returned on ``device``. ``scale`` (e.g. :func:`hidden_rms`), if given, multiplies the
+    scaled noise before the cast: the norm becomes ``eta * scale``. Other arguments as for
+    :func:`scale_noise`.
     """
     work_dtype = torch.promote_types(dtype, torch.float32)
     sample_device = generator.device if generator is not None else device

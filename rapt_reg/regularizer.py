@@ -3,52 +3,51 @@
 from __future__ import annotations
 
 import abc
+import contextlib
+import logging
 import math
 import random
 import warnings
+from dataclasses import dataclass
 from typing import Any, Callable, Optional, TypeVar, Union
 
 import torch
 from torch import nn
 
 from . import divergence as div
-from .discovery import (
-    BlocksSpec,
-    BlockStack,
-    ambiguity_error,
-    find_block_stacks,
-    resolve_blocks,
-)
+from . import replay
+from .discovery import BlocksSpec, BlockStack, ambiguity_error, find_block_stacks, resolve_blocks
 from .errors import RaptRegError
+from .head import HeadHook, find_head
 from .hooks import NoisyPass, Perturb, StackHooks
 from .noise import ETA_SCALES, NORMS, check_token_masks, hidden_rms, sample_noise
-from .replay import carry
 
 Output = Any
 """A model output: a logits tensor ``[..., C]`` or an object with a ``.logits`` tensor."""
+Divergence = Union[str, Callable[..., torch.Tensor]]
+Head = Union[None, str, nn.Module]
+Masks = Optional[torch.Tensor]
 
 NONFINITE_POLICIES = ("raise", "skip")
-
-# Deferred checks (non-finite penalty, exactly-zero penalty) are read on the host at most this
-# many calls apart, and at every stats(): a step adds no tensor-to-host conversion.
 CHECK_EVERY = 100
+"""Deferred checks (non-finite, exactly-zero penalty) are read at most this many calls apart."""
 
+logger = logging.getLogger("rapt_reg")
 _Reg = TypeVar("_Reg", bound="PerturbationRegularizer")
 
 
 def logits_of(output: Output) -> torch.Tensor:
     """The logits tensor of a model output (a tensor, or anything with ``.logits``)."""
-    if isinstance(output, torch.Tensor):
-        return output
-    logits = getattr(output, "logits", None)
+    logits = output if isinstance(output, torch.Tensor) else getattr(output, "logits", None)
     if logits is None and isinstance(output, dict):
         logits = output.get("logits")
-    if isinstance(logits, torch.Tensor):
-        return logits
-    raise RaptRegError(
-        f"cannot find logits in a {type(output).__name__}: the forward must return a tensor "
-        "[..., C] or an object with a .logits tensor (wrap it: lambda: model(x)[0])"
-    )
+    if not isinstance(logits, torch.Tensor):
+        raise RaptRegError(
+            f"cannot find logits in a {type(output).__name__}: the forward must return a "
+            "tensor [..., C] or an object with a .logits tensor (wrap it: lambda: model(x)[0]). "
+            "A fused loss that makes no logits needs head='auto' and reg.pair(forward)"
+        )
+    return logits
 
 
 def check_number(name: str, value: float, *, allow_zero: bool = True) -> float:
@@ -56,33 +55,48 @@ def check_number(name: str, value: float, *, allow_zero: bool = True) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise RaptRegError(f"{name} must be a number, got {value!r}")
     if not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
-        bound = ">= 0" if allow_zero else "> 0"
-        raise RaptRegError(f"{name} must be finite and {bound}, got {value!r}")
+        raise RaptRegError(
+            f"{name} must be finite and {'>=' if allow_zero else '>'} 0, got {value!r}"
+        )
     return float(value)
 
 
-class _Gate:
-    """Stops the gradient of a non-finite penalty, decided on the device.
+def check_int(name: str, value: int) -> int:
+    """``value``, or a RaptRegError if it is not an int >= 0."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise RaptRegError(f"{name} must be an int >= 0, got {value!r}")
+    return value
 
-    The penalty's finiteness is known only after the divergence ran, as a device tensor; the
-    logits enter the divergence through :func:`~rapt_reg.replay.carry` with this gate, so a
-    non-finite penalty reaches no weight and nothing is read on the host.
-    """
+
+class _Gate:
+    """Stops the gradient of a non-finite penalty, decided on the device (no host sync)."""
 
     open: Optional[torch.Tensor] = None
 
     def filter(self, grad: torch.Tensor) -> torch.Tensor:
-        assert self.open is not None  # set right after the forward
-        return torch.where(self.open, grad, 0.0)
+        return torch.where(self.open, grad, 0.0)  # type: ignore[arg-type]
+
+
+@dataclass
+class Step:
+    """What one call compares against: the clean logits (or the head's input), and the masks."""
+
+    clean: torch.Tensor
+    clean_is_hidden: bool = False
+    mask: Masks = None
+    noise_mask: Masks = None
+    segment_ids: Masks = None
 
 
 class PerturbationRegularizer(abc.ABC):
-    """The call shape RAPT, SMART and R3F share, and what goes with it.
+    """The call shape RAPT, SMART and R3F share, and everything but their noise.
 
     ``reg(noisy_forward, clean_output, mask=None)`` runs the noisy pass(es) and returns
-    ``alpha * divergence(noisy, clean)``; ``reg.pair(forward, mask=None)`` runs the clean pass,
-    then exactly that; ``remove()`` (or leaving a ``with`` block) takes the hooks away. In eval
-    mode the penalty is 0 (said once). Subclasses implement ``__call__`` and ``remove``.
+    ``alpha * divergence(noisy, clean)``; ``reg.pair(forward)`` runs the clean pass, then
+    exactly that; ``remove()`` (or leaving a ``with`` block) takes the hooks away; in eval mode
+    the penalty is 0 (said once). Every method adds its noise through the same hooks and the
+    same checkpoint replay; a subclass says only what noise goes where (:meth:`_step`).
+    Arguments are those of :class:`RandomPerturbationRegularizer`.
     """
 
     _stats_prefix = "rapt"
@@ -93,15 +107,17 @@ class PerturbationRegularizer(abc.ABC):
         model: nn.Module,
         *,
         alpha: float,
-        divergence: Union[str, Callable[..., torch.Tensor]],
+        divergence: Divergence,
         generator: Optional[torch.Generator],
         nonfinite: str,
+        blocks: BlocksSpec = None,
+        prefer: Optional[str] = "encoder",
+        batch_dim: Optional[int] = None,
+        head: Head = None,
     ) -> None:
         if isinstance(model, type) or not isinstance(model, nn.Module):
-            raise RaptRegError(
-                f"model must be an nn.Module instance, got {model!r}"
-                + (": instantiate it first" if isinstance(model, type) else "")
-            )
+            fix = ": instantiate it first" if isinstance(model, type) else ""
+            raise RaptRegError(f"model must be an nn.Module instance, got {model!r}{fix}")
         if isinstance(model, nn.DataParallel):
             raise RaptRegError(
                 "nn.DataParallel is not supported: its replicas run in threads that would share "
@@ -114,61 +130,92 @@ class PerturbationRegularizer(abc.ABC):
             not isinstance(generator, torch.Generator) or generator.device.type != "cpu"
         ):
             raise RaptRegError("generator must be a CPU torch.Generator (noise is seeded from it)")
-        self.model = model
+        self.model, self.nonfinite = model, nonfinite
         self.alpha = check_number("alpha", alpha)
         self.divergence = div.resolve(divergence)
-        self.nonfinite = nonfinite
-        self.stacks: list[BlockStack] = []
-        self._generator = generator
-        self._rng = random.Random()  # seeded by _seed_rng(), once every argument is checked
+        self.stacks = (
+            [resolve_blocks(model, blocks)] if blocks else find_block_stacks(model, prefer=prefer)
+        )
+        if batch_dim is not None:
+            check_int("batch_dim", batch_dim)
+            self.stacks = [s.with_batch_dim(batch_dim) for s in self.stacks]
+        self.head, self._head_scale, self._head_softcap = find_head(model, head)
+        # Every check passed: one draw seeds this regularizer's RNG (no step draws from torch's).
+        self._rng = random.Random(int(torch.randint(0, 2**62, (), generator=generator)))
         self._noise_generators: dict[torch.device, torch.Generator] = {}
-        self._warned_eval = False
+        self._warned_eval, self._skipped = False, 0
         self._last_noise_ratio: Optional[torch.Tensor] = None
-        self._skipped = 0  # steps known (on the host) to have been skipped
         self._pending: list[tuple[torch.Tensor, torch.Tensor]] = []  # (finite, zero) per call
+        self._hooks = StackHooks(
+            [s.blocks for s in self.stacks], [s.batch_dim for s in self.stacks]
+        )
+        self._head_hook = None if self.head is None else HeadHook(self.head)
 
     @abc.abstractmethod
+    def _step(self, noisy_forward: Callable[[], Output], step: Step) -> torch.Tensor:
+        """The penalty of one training step."""
+
     def __call__(
         self,
         noisy_forward: Callable[[], Output],
         clean_output: Output,
         *,
-        mask: Optional[torch.Tensor] = None,
-        noise_mask: Optional[torch.Tensor] = None,
-        segment_ids: Optional[torch.Tensor] = None,
+        mask: Masks = None,
+        noise_mask: Masks = None,
+        segment_ids: Masks = None,
     ) -> torch.Tensor:
-        """The penalty for one step (see the subclasses)."""
+        """Run the noisy pass on the batch that gave ``clean_output``; return the penalty.
+
+        Args:
+            noisy_forward: Zero-argument callable running the model on that batch
+                (``lambda: model(**batch)``).
+            clean_output: The clean forward's output (a tensor, or has ``.logits``).
+            mask: Optional ``[...]`` over the logits' leading dims: positions where it is
+                false (padding) do not count.
+            noise_mask: Optional bool ``[batch, seq]``, True on real tokens
+                (``attention_mask.bool()``): padding gets no noise, and each example's norm
+                is over its real tokens, so its noise does not depend on the padding.
+            segment_ids: Optional integer ``[batch, seq]``: each (row, segment) pair of a
+                packed row is scaled as one example.
+
+        Returns:
+            ``alpha * divergence(noisy, clean)``, a scalar to add to the task loss; 0 (and
+            ``noisy_forward`` not run) in eval mode.
+
+        Raises:
+            RaptRegError: if the noise did not reach the model or the outputs do not match.
+        """
+        self._check_callable(noisy_forward)
+        check_token_masks(noise_mask, segment_ids)
+        clean = logits_of(clean_output)
+        if not self._training():
+            return self._eval_penalty(clean)
+        return self._step(noisy_forward, Step(clean, False, mask, noise_mask, segment_ids))
 
     def pair(
         self,
         forward: Callable[[], Output],
         *,
-        mask: Optional[torch.Tensor] = None,
-        noise_mask: Optional[torch.Tensor] = None,
-        segment_ids: Optional[torch.Tensor] = None,
+        mask: Masks = None,
+        noise_mask: Masks = None,
+        segment_ids: Masks = None,
     ) -> tuple[Output, torch.Tensor]:
-        """Run the clean pass, then ``self(forward, clean_output, mask=mask)``.
+        """``(clean_output, penalty)``: exactly ``clean = forward(); reg(forward, clean, ...)``.
 
-        Exactly the two-call form, so buffers (BatchNorm statistics), auxiliary outputs (MoE
-        router logits), collectives (DDP, FSDP) and gradients are those of
-        ``clean = forward(); penalty = reg(forward, clean)``.
-
-        Args:
-            forward: Zero-argument callable running the model on the batch.
-            mask: As in ``__call__``.
-            noise_mask: As in ``__call__``.
-            segment_ids: As in ``__call__``.
-
-        Returns:
-            ``(clean_output, penalty)``.
+        The same buffers (BatchNorm statistics), auxiliary outputs (MoE router logits),
+        collectives (DDP, FSDP) and gradients as the two calls. With ``head=``, the clean side
+        is the head's input captured during this clean pass: no logits need exist (a fused
+        loss), and none are kept alive for the penalty. Arguments as for ``__call__``.
         """
         self._check_callable(forward, "forward")
         check_token_masks(noise_mask, segment_ids)  # refused before any forward runs
-        clean_output = forward()
-        penalty = self(
-            forward, clean_output, mask=mask, noise_mask=noise_mask, segment_ids=segment_ids
-        )
-        return clean_output, penalty
+        with self._capture("clean") as captured:
+            output = forward()
+        clean = captured[0] if captured else logits_of(output)
+        if not self._training():
+            return output, self._eval_penalty(clean)
+        step = Step(clean, bool(captured), mask, noise_mask, segment_ids)
+        return output, self._step(forward, step)
 
     @property
     def skipped_steps(self) -> int:
@@ -177,17 +224,13 @@ class PerturbationRegularizer(abc.ABC):
         return self._skipped
 
     def stats(self) -> dict[str, float]:
-        """Telemetry for logging: noise-to-hidden norm ratio of the last pass, skipped steps.
-
-        Reading them is a host sync; this is also where deferred checks raise (see
-        ``nonfinite``).
-        """
-        ratio = self._last_noise_ratio
+        """Noise-to-hidden norm ratio of the last pass, and skipped steps (a host sync, where
+        deferred checks raise, see ``nonfinite``)."""
+        ratio = math.nan if self._last_noise_ratio is None else float(self._last_noise_ratio)
+        skipped = float(self.skipped_steps)
         return {
-            f"{self._stats_prefix}/noise_to_hidden_ratio": math.nan
-            if ratio is None
-            else float(ratio),
-            f"{self._stats_prefix}/skipped_steps": float(self.skipped_steps),
+            f"{self._stats_prefix}/noise_to_hidden_ratio": ratio,
+            f"{self._stats_prefix}/skipped_steps": skipped,
         }
 
     @property
@@ -196,10 +239,8 @@ class PerturbationRegularizer(abc.ABC):
         return None if self._last_noise_ratio is None else float(self._last_noise_ratio)
 
     def state_dict(self) -> dict[str, Any]:
-        """What a resumed run needs to draw the same layers and noise as an uninterrupted one.
-
-        The global RNG (dropout) is not part of it: save ``torch.get_rng_state()`` with it.
-        """
+        """What a resumed run needs to draw the same layers and noise (save the global RNG,
+        ``torch.get_rng_state()``, for dropout, alongside)."""
         return {"format": 1, "rng": self._rng.getstate(), "skipped_steps": self.skipped_steps}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -208,13 +249,16 @@ class PerturbationRegularizer(abc.ABC):
             raise RaptRegError(
                 "not a rapt_reg state dict (expected the dict returned by reg.state_dict())"
             )
-        self._rng.setstate(_as_rng_state(state["rng"]))
-        self._skipped = int(state["skipped_steps"])
-        self._pending = []
+        version, internal, gauss = state["rng"]  # lists, if it went through JSON
+        self._rng.setstate((version, tuple(internal), gauss))
+        self._skipped, self._pending = int(state["skipped_steps"]), []
 
-    @abc.abstractmethod
     def remove(self) -> None:
         """Remove every hook; the model is exactly as before. Safe to call twice."""
+        self._hooks.remove()
+        if self._head_hook is not None:
+            self._head_hook.remove()
+        self._last_noise_ratio = None
 
     def __enter__(self: _Reg) -> _Reg:
         return self
@@ -222,70 +266,48 @@ class PerturbationRegularizer(abc.ABC):
     def __exit__(self, *exc: object) -> None:
         self.remove()
 
-    # -- for subclasses -------------------------------------------------------------------------
-
-    def _find_stacks(
-        self, blocks: BlocksSpec, prefer: Optional[str], batch_dim: Optional[int] = None
-    ) -> list[BlockStack]:
-        """Discover (or resolve ``blocks=``) the candidate stacks; installs nothing."""
-        if blocks is not None:
-            stacks = [resolve_blocks(self.model, blocks)]
-        else:
-            stacks = find_block_stacks(self.model, prefer=prefer)
-        if batch_dim is not None:
-            stacks = [s.with_batch_dim(batch_dim) for s in stacks]
-        return stacks
-
-    def _seed_rng(self) -> None:
-        """Seed this regularizer's RNG: one draw from the generator (or the global RNG).
-
-        Layers and seeds then come from this Python RNG, so a step draws without touching any
-        tensor or the global RNG. Subclasses call it last, with the hooks, so that a refused
-        constructor draws nothing.
-        """
-        self._rng.seed(int(torch.randint(0, 2**62, (), generator=self._generator)))
-
-    def _install(self) -> StackHooks:
-        """Hook the blocks of ``self.stacks``: the constructor's last step, after every check."""
-        return StackHooks(
-            [s.blocks for s in self.stacks],
-            [s.batch_dim for s in self.stacks],
-            [s.calls_per_forward > len(s.blocks) for s in self.stacks],
-        )
-
     @property
     def stack(self) -> BlockStack:
-        """The stack of blocks being perturbed (raises while a forward has yet to choose one)."""
-        if not self.stacks:
-            raise RaptRegError(f"{type(self).__name__} does not perturb a stack of blocks")
+        """The stack being perturbed (refused while a forward has yet to choose among several)."""
         if len(self.stacks) > 1:
             raise ambiguity_error(self.stacks)
         return self.stacks[0]
 
-    def _run_noisy(self, hooks: StackHooks, forward: Callable[[], Output], p: NoisyPass) -> None:
-        """Run ``forward`` with ``p`` armed, on an RNG stream of its own; verify the noise."""
-        stream = hooks.replays.stream(self._rng.getrandbits(62), self._devices())
-        with stream, hooks.armed(p):
+    @property
+    def stack_path(self) -> str:
+        """The perturbed stack's dotted path (the candidates' while a forward has to choose)."""
+        return ", ".join(s.path or ",".join(s.names) for s in self.stacks)
+
+    # -- for subclasses -------------------------------------------------------------------------
+
+    def _noisy_pass(
+        self, forward: Callable[[], Output], layer: int, perturb: Perturb, max_layer: int = 0
+    ) -> torch.Tensor:
+        """Run ``forward`` with ``perturb`` added at ``layer``, on an RNG stream of its own.
+
+        Returns its logits (with ``head=``, its head's input), holding the pass's frame as long
+        as its graph, so that a checkpointed region recomputes the same noise. Refuses a pass
+        the noise did not reach, or whose forward made fewer block calls than ``max_layer``.
+        """
+        frame = replay.Frame(self._hooks, self._rng.getrandbits(62), self.model)
+        p = NoisyPass(layer=layer, perturb=perturb, frame=frame)
+        with (
+            replay.stream(frame, self._devices()),
+            self._hooks.armed(p),
+            self._capture("noisy") as captured,
+        ):
             p.output = forward()
-        self._settle_stack(hooks, p)
-        self._verify(p)
+        self._settle_stack(p, max_layer)
         self._last_noise_ratio = p.noise_ratio
+        return replay.carry(captured[0] if captured else logits_of(p.output), frame)
 
-    def _settle_stack(self, hooks: StackHooks, p: NoisyPass) -> None:
-        """After a forward: refuse an ambiguous model, or keep only the stack that ran."""
-        if p.others:
-            assert p.stack is not None
-            raise ambiguity_error([self.stacks[i] for i in (p.stack, *p.others)])
-        if p.stack is not None and len(self.stacks) > 1:
-            hooks.keep_only(p.stack)
-            self.stacks = [self.stacks[p.stack]]
-        if len(self.stacks) == 1 and self.stacks[0].batch_dim is None and p.calls:
-            self.stacks = [self.stacks[0].with_batch_dim(hooks.batch_dim(0))]
+    def _capture(self, mode: str) -> contextlib.AbstractContextManager[list[torch.Tensor]]:
+        """With ``head=``, the head's input during the block (noisy: no logits are made)."""
+        return self._head_hook.capture(mode) if self._head_hook else contextlib.nullcontext([])
 
-    def _verify(self, p: NoisyPass) -> None:
-        """Raise, naming the causes, when the noise of a finished pass did not reach the model."""
-        if p.applied:
-            return
+    def _settle_stack(self, p: NoisyPass, max_layer: int) -> None:
+        """Refuse a pass the noise missed, or a model where two stacks ran; keep the stack that
+        ran, with its observed calls and batch dim (named once, in the log)."""
         where = ", ".join(repr(s.path or ",".join(s.names)) for s in self.stacks)
         if p.calls == 0:
             raise RaptRegError(
@@ -296,16 +318,25 @@ class PerturbationRegularizer(abc.ABC):
                 "modules than these - pass blocks='<dotted path>'; (3) noisy_forward did not "
                 "run the model."
             )
-        raise RaptRegError(
-            f"the noise did not reach the model: layer {p.layer} was chosen but the noisy pass "
-            f"made only {p.calls} block calls of {where}. Use max_layer <= {p.calls}, or pass "
-            "blocks= naming the stack this forward runs."
-        )
+        if p.others:
+            raise ambiguity_error([self.stacks[i] for i in (p.stack or 0, *p.others)])
+        if not p.applied or max_layer > p.calls:
+            raise RaptRegError(
+                f"the noise did not reach the model: max_layer={max(max_layer, p.layer)} but "
+                f"the forward ran the blocks of {where} {p.calls} times: use max_layer <= "
+                f"{p.calls}, or pass blocks= naming the stack this forward runs"
+            )
+        stack = self.stacks[p.stack or 0]
+        if len(self.stacks) > 1:
+            self._hooks.keep_only(p.stack or 0)
+        self.stacks = [stack.with_calls(p.calls, self._hooks.batch_dim(0))]
+        if stack.calls_per_forward != p.calls:
+            logger.info(
+                "rapt-reg perturbs %r: %d block calls per forward", self.stack_path, p.calls
+            )
 
     def _training(self) -> bool:
-        if self.stacks:
-            return any(b.training for s in self.stacks for b in s.blocks)
-        return self.model.training
+        return any(b.training for s in self.stacks for b in s.blocks)
 
     def _devices(self) -> set[torch.device]:
         return {p.device for p in self.model.parameters()}
@@ -317,7 +348,7 @@ class PerturbationRegularizer(abc.ABC):
                 "lambda: model(**batch)"
             )
 
-    def _eval_penalty(self, clean_logits: torch.Tensor) -> torch.Tensor:
+    def _eval_penalty(self, clean: torch.Tensor) -> torch.Tensor:
         if not self._warned_eval:
             warnings.warn(
                 f"the model is in eval mode: {type(self).__name__} adds noise only in training "
@@ -325,66 +356,54 @@ class PerturbationRegularizer(abc.ABC):
                 stacklevel=3,
             )
             self._warned_eval = True
-        return self._zero(clean_logits)
+        return self._zero(clean)
 
     @staticmethod
-    def _zero(logits: torch.Tensor) -> torch.Tensor:
-        return logits.new_zeros((), dtype=torch.promote_types(logits.dtype, torch.float32))
-
-    def _draw_seed(self) -> int:
-        """A noise seed for this step, from this regularizer's own RNG (no tensor involved)."""
-        return self._rng.getrandbits(62)
+    def _zero(like: torch.Tensor) -> torch.Tensor:
+        return like.new_zeros((), dtype=torch.promote_types(like.dtype, torch.float32))
 
     def _noise_source(self, device: torch.device, seed: int) -> torch.Generator:
         """This regularizer's generator on ``device``, seeded with ``seed``."""
-        gen = self._noise_generators.get(device)
-        if gen is None:
-            gen = self._noise_generators[device] = torch.Generator(device=device)
-        return gen.manual_seed(seed)
+        if device not in self._noise_generators:
+            self._noise_generators[device] = torch.Generator(device=device)
+        return self._noise_generators[device].manual_seed(seed)
 
-    def _penalty(
-        self,
-        noisy_logits: torch.Tensor,
-        clean_logits: torch.Tensor,
-        mask: Optional[torch.Tensor],
-    ) -> torch.Tensor:
-        """``alpha * divergence``, with the ``nonfinite`` policy applied on the device.
+    def _head_weights(self) -> Optional[div.Head]:
+        """The head as it is now (a sharded DTensor gathered, differentiably)."""
+        if self.head is None:
+            return None
+        weight, bias = (getattr(self.head, name, None) for name in ("weight", "bias"))
+        weight, bias = (getattr(t, "full_tensor", lambda t=t: t)() for t in (weight, bias))
+        return div.Head(weight, bias, self._head_scale, self._head_softcap)  # type: ignore[arg-type]
 
-        A non-finite value is replaced by 0 and its gradient stopped, without a host sync; the
-        step is counted, and with ``nonfinite="raise"`` the error is raised at the next check
-        (the next :meth:`stats` call, or at most ``CHECK_EVERY`` calls later).
-        """
-        div.check_outputs(noisy_logits, clean_logits)
-        if torch.is_grad_enabled() and not (
-            noisy_logits.requires_grad or clean_logits.requires_grad
-        ):
+    def _penalty(self, noisy: torch.Tensor, step: Step) -> torch.Tensor:
+        """``alpha * divergence``, a non-finite value replaced by 0 and its gradient stopped on
+        the device; counted, and with ``nonfinite="raise"`` raised at the next check."""
+        head, clean, mask = self._head_weights(), step.clean, step.mask
+        div.check_outputs(noisy, clean, head, step.clean_is_hidden)
+        if torch.is_grad_enabled() and not (noisy.requires_grad or clean.requires_grad):
             raise RaptRegError(
                 "neither output requires grad, so the penalty cannot train anything: are the "
                 "parameters frozen, or was the clean pass run under torch.no_grad()? "
                 "(To only log the penalty, call the regularizer under torch.no_grad().)"
             )
-        self._maybe_read_checks()
-        gate = _Gate()
-        noisy, clean = carry(noisy_logits, gate), carry(clean_logits, gate)
-        value = div.reduce_divergence(self.divergence, noisy, clean, mask)
-        gate.open = finite = torch.isfinite(value).detach()
-        penalty = self.alpha * torch.where(finite, value, torch.zeros_like(value))
-        zero = (value == 0).detach() if noisy_logits.numel() else torch.zeros_like(finite)
-        if mask is not None:
-            zero = zero & mask.any()
-        self._pending.append((finite, zero))
-        return penalty
-
-    def _maybe_read_checks(self) -> None:
         if len(self._pending) >= CHECK_EVERY:
             self._read_checks()
+        gate = _Gate()
+        noisy, clean = replay.carry(noisy, gate), replay.carry(clean, gate)
+        value = div.reduce_divergence(
+            self.divergence, noisy, clean, mask, head=head, clean_is_hidden=step.clean_is_hidden
+        )
+        gate.open = finite = torch.isfinite(value).detach()
+        zero = (value == 0).detach() if noisy.numel() else torch.zeros_like(finite)
+        self._pending.append((finite, zero if mask is None else zero & mask.any()))
+        return self.alpha * torch.where(finite, value, torch.zeros_like(value))
 
     def _read_checks(self) -> None:
         """Read the deferred checks on the host (one sync) and act on them."""
         if not self._pending:
             return
-        finite = torch.stack([f for f, _ in self._pending]).cpu()
-        zero = torch.stack([z for _, z in self._pending]).cpu()
+        finite, zero = (torch.stack(column).cpu() for column in zip(*self._pending))
         self._pending = []
         bad = int((~finite).sum())
         self._skipped += bad
@@ -402,58 +421,47 @@ class PerturbationRegularizer(abc.ABC):
         """Told, at each deferred check, whether a penalty was exactly 0 (RAPT warns)."""
 
 
-def _as_rng_state(state: Any) -> Any:
-    """``random.Random.setstate`` wants tuples; a state that went through JSON has lists."""
-    if isinstance(state, list):
-        return tuple(_as_rng_state(s) for s in state)
-    return state
-
-
 class RandomPerturbationRegularizer(PerturbationRegularizer):
     """RAPT: perturb one randomly chosen layer with scaled Gaussian noise and penalise the change.
 
-    Each call draws one layer ``r`` uniformly from ``{min_layer, ..., max_layer}`` (layer 0 is
-    the embedding output entering the first block, layer ``r >= 1`` the output of the r-th
-    block call), adds ``delta = eta * d / ||d||_inf`` with ``d ~ N(0, sigma^2 I)`` per example
-    to the hidden states there during one noisy pass, and returns
-    ``alpha * divergence(f(x + delta_r), f(x))`` (Eq. 2 of the paper).
-
-    The blocks are found by :func:`rapt_reg.find_transformer_blocks`; hooks are installed once
-    (after every argument is checked) and stay idle outside a call. Nothing is added to the
-    model; :meth:`remove` (or leaving a ``with`` block) takes the hooks away.
+    Each call draws a layer ``r`` uniformly from ``{min_layer, ..., max_layer}`` (layer 0: the
+    embedding output entering the first block call; layer ``r``: the output of the r-th call),
+    adds ``delta = eta * d / ||d||_inf``, ``d ~ N(0, sigma^2 I)`` per example, to the hidden
+    states there during one noisy pass, and returns ``alpha * divergence(f(x + delta_r),
+    f(x))`` (Eq. 2). The blocks are found by :func:`rapt_reg.find_transformer_blocks`; hooks
+    are installed once, after every check, idle outside a call; nothing is added to the model.
 
     Args:
         model: The model (DDP, FSDP, ``torch.compile`` and PEFT wrappers are seen through;
             ``nn.DataParallel`` is refused). Build the regularizer *before* ``torch.compile``
-            runs the model.
-        eta: Noise size: every example's noise has this inf-norm (the paper's eta).
-        max_layer: Highest layer that can be perturbed (the paper's max_layer; 3 in the paper).
-        min_layer: Lowest layer (1 in the paper; 0 adds the embedding output).
-            ``min_layer=max_layer=0`` is the paper's "RAPT (Embedding)".
+            first runs the model.
+        eta: Every example's noise has this inf-norm (the paper's eta).
+        max_layer: Highest layer (the paper's max_layer, 3 there). Refused at the first call
+            if the forward makes fewer block calls.
+        min_layer: Lowest layer (1 in the paper). ``min_layer=max_layer=0`` is the paper's
+            "RAPT (Embedding)".
         alpha: Weight of the penalty (the paper's alpha).
-        sigma: Standard deviation of the raw Gaussian; it cancels when ``norm`` is set.
-        norm: ``"inf"`` (the paper), ``"l2"``, or ``None`` for raw ``N(0, sigma^2)`` noise.
-        divergence: ``"sym_kl"`` (MT-DNN's symmetric KL, default), ``"kl"``, ``"js"``,
-            ``"mse"``, or a callable ``(noisy_logits, clean_logits) -> per-position values``.
+        sigma: Standard deviation of the raw Gaussian; it cancels under ``norm``.
+        norm: ``"inf"`` (the paper), ``"l2"``, or ``None`` for raw ``N(0, sigma^2 I)`` noise.
+        divergence: ``"sym_kl"`` (MT-DNN's symmetric KL), ``"kl"``, ``"js"``, ``"mse"``, or a
+            callable ``(noisy_logits, clean_logits) -> per-position values``.
         blocks: Override discovery: a dotted path or a list of modules/paths.
-        generator: A CPU ``torch.Generator`` that seeds this regularizer's own RNG once, at
-            construction; None takes that one seed from the global RNG. Either way no step
-            draws from the global RNG afterwards.
+        generator: A CPU ``torch.Generator`` seeding this regularizer's RNG once (None: one
+            draw of the global RNG). No step draws from the global RNG.
         per_token: Scale each position's noise to ``eta`` instead of each example's.
-        eta_scale: ``"absolute"`` (the paper): each example's noise has inf-norm ``eta``;
-            ``"hidden_rms"``: inf-norm ``eta * RMS(h)``, the RMS of that example's hidden
-            states at the perturbed layer (over its real tokens and features; per segment,
-            per token as the noise is), for pre-norm models whose hidden-state scale varies
-            with depth and architecture (see docs/noise-scale.md).
-        prefer: Part of a dotted path that wins when the model has several stacks of blocks.
-        nonfinite: What a NaN/inf penalty does. Either way that step's penalty becomes 0 and
-            reaches no weight, decided on the device; ``"raise"`` (default) then raises at the
-            next check (:meth:`stats`, or within ``CHECK_EVERY`` calls), ``"skip"`` only
-            counts it in :meth:`stats`.
-        batch_dim: The dimension of the blocks' hidden states that indexes examples. None
-            detects it: a ``batch_first`` attribute in the block, else from the first forward
-            (a ``[batch, seq]`` mask argument of a block given ``[seq, batch, C]`` states
-            marks a sequence-first layout), else 0.
+        prefer: Part of a dotted path that wins when the model has several stacks.
+        nonfinite: A NaN/inf penalty becomes 0 and reaches no weight, decided on the device;
+            ``"raise"`` then raises at the next check (:meth:`stats`, or within
+            ``CHECK_EVERY`` calls), ``"skip"`` counts it in :meth:`stats`.
+        batch_dim: The dimension of the blocks' hidden states that indexes examples; None
+            detects it (a ``batch_first`` attribute, else a ``[batch, seq]`` mask argument
+            next to ``[seq, batch, C]`` states on the first forward, else 0).
+        eta_scale: ``"absolute"`` (the paper) or ``"hidden_rms"``: inf-norm ``eta * RMS(h)``
+            of that example's hidden states (docs/noise-scale.md).
+        head: The output layer, for a penalty that never builds the noisy pass's logits:
+            ``"auto"`` (``get_output_embeddings()``), a module or its path; None compares the
+            logits the forward returns. The noisy pass's head is then handed no positions, so
+            that forward must not compute a loss (see :mod:`rapt_reg.head`).
 
     Raises:
         ValueError: (a :class:`RaptRegError`) for bad arguments or when no blocks are found;
@@ -483,7 +491,7 @@ class RandomPerturbationRegularizer(PerturbationRegularizer):
         alpha: float = 1.0,
         sigma: float = 1.0,
         norm: Optional[str] = "inf",
-        divergence: Union[str, Callable[..., torch.Tensor]] = "sym_kl",
+        divergence: Divergence = "sym_kl",
         blocks: BlocksSpec = None,
         generator: Optional[torch.Generator] = None,
         per_token: bool = False,
@@ -491,166 +499,74 @@ class RandomPerturbationRegularizer(PerturbationRegularizer):
         nonfinite: str = "raise",
         batch_dim: Optional[int] = None,
         eta_scale: str = "absolute",
+        head: Head = None,
     ) -> None:
-        super().__init__(
-            model, alpha=alpha, divergence=divergence, generator=generator, nonfinite=nonfinite
-        )
         self.eta, self.sigma = check_number("eta", eta), check_number("sigma", sigma)
-        for name, value in (("max_layer", max_layer), ("min_layer", min_layer)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise RaptRegError(f"{name} must be an int >= 0, got {value!r}")
+        self.max_layer, self.min_layer = (
+            check_int("max_layer", max_layer),
+            check_int("min_layer", min_layer),
+        )
         if min_layer > max_layer:
             raise RaptRegError(f"min_layer={min_layer} is greater than max_layer={max_layer}")
         if norm not in NORMS:
             raise RaptRegError(f"unknown norm {norm!r}: use one of {NORMS}")
-        if batch_dim is not None and (
-            isinstance(batch_dim, bool) or not isinstance(batch_dim, int) or batch_dim < 0
-        ):
-            raise RaptRegError(f"batch_dim must be None or an int >= 0, got {batch_dim!r}")
         if eta_scale not in ETA_SCALES:
             raise RaptRegError(f"unknown eta_scale {eta_scale!r}: use one of {ETA_SCALES}")
-        self.eta_scale = eta_scale
-        self.max_layer, self.min_layer = max_layer, min_layer
-        self.norm, self.per_token = norm, per_token
-        self.stacks = self._find_stacks(blocks, prefer, batch_dim)
-        self._check_max_layer()
-        self._warned_zero = False
+        self.norm, self.eta_scale, self.per_token = norm, eta_scale, per_token
         self.last_layer: Optional[int] = None
-        self._seed_rng()
-        self._hooks = self._install()
+        self._warned_zero = False
+        super().__init__(
+            model, alpha=alpha, divergence=divergence, generator=generator, nonfinite=nonfinite,
+            blocks=blocks, prefer=prefer, batch_dim=batch_dim, head=head,
+        )  # fmt: skip
 
-    # -- public API ---------------------------------------------------------------------------
-
-    def __call__(
-        self,
-        noisy_forward: Callable[[], Output],
-        clean_output: Output,
-        *,
-        mask: Optional[torch.Tensor] = None,
-        noise_mask: Optional[torch.Tensor] = None,
-        segment_ids: Optional[torch.Tensor] = None,
-    ) -> torch.Tensor:
-        """Run ``noisy_forward`` once with noise at a random layer; return the penalty.
-
-        Args:
-            noisy_forward: Zero-argument callable that runs the model on the same batch that
-                produced ``clean_output`` (e.g. ``lambda: model(**batch)``).
-            clean_output: The output of the clean forward (a tensor or has ``.logits``).
-            mask: Optional ``[...]`` mask over the leading dims of the logits (e.g. the
-                attention mask of token-level outputs); masked positions do not count.
-            noise_mask: Optional bool ``[batch, seq]``, True on real tokens (e.g.
-                ``attention_mask.bool()``): padding gets no noise, and each example's norm is
-                taken over its real tokens only, so the noise does not depend on the padding.
-                An example without real tokens gets no noise.
-            segment_ids: Optional integer ``[batch, seq]`` for packed rows: each (row,
-                segment) pair is scaled as one example.
-
-        Returns:
-            ``alpha * divergence(noisy, clean)``, a scalar to add to the task loss. Zero (and
-            ``noisy_forward`` not run) when the model is in eval mode.
-
-        Raises:
-            RaptRegError: if the noise did not reach the model or the outputs do not match.
-        """
-        self._check_callable(noisy_forward)
-        clean_logits = logits_of(clean_output)
-        check_token_masks(noise_mask, segment_ids)
-        if not self._training():
-            return self._eval_penalty(clean_logits)
-        # Algorithm 1: choose r, draw the noise (in the hook, at layer r), compare the outputs.
+    def _step(self, noisy_forward: Callable[[], Output], step: Step) -> torch.Tensor:
+        """Algorithm 1 for one minibatch, top to bottom."""
+        # Line 3: the layer r, uniformly from {min_layer, ..., max_layer} (0: embedding output).
         layer = self._rng.randint(self.min_layer, self.max_layer)
-        seed = self._draw_seed()
-        perturb = self._perturbation(seed, noise_mask, segment_ids)
-        p = NoisyPass(layer=layer, perturb=perturb)
-        self._run_noisy(self._hooks, noisy_forward, p)
+        seed = self._rng.getrandbits(62)
+
+        @torch.compiler.disable
+        def delta(hidden: torch.Tensor, batch_dim: int) -> torch.Tensor:
+            # Lines 5-6, per example: d ~ N(0, sigma^2 I); delta = eta * d / ||d||_inf.
+            masks = step.noise_mask, step.segment_ids
+            check_token_masks(*masks, tuple(hidden.shape), batch_dim, self.stack_path)
+            where: dict[str, Any] = dict(zip(("noise_mask", "segment_ids"), masks))
+            where.update(batch_dim=batch_dim, per_token=self.per_token)
+            scale = None
+            if self.eta_scale == "hidden_rms":  # eta relative to RMS(h) (not in the paper)
+                scale = hidden_rms(hidden, **where)
+            gen = self._noise_source(hidden.device, seed)
+            return sample_noise(
+                hidden.shape, eta=self.eta, sigma=self.sigma, norm=self.norm, scale=scale,
+                dtype=hidden.dtype, device=hidden.device, generator=gen, **where,
+            )  # fmt: skip
+
+        # Lines 7-13: the forward pass, with h <- h + delta at layer r (in the hooks).
+        noisy = self._noisy_pass(noisy_forward, layer, delta, self.max_layer)
         self.last_layer = layer
-        noisy_logits = carry(logits_of(p.output), p.replay)
-        return self._penalty(noisy_logits, clean_logits, mask)
+        # Line 15: alpha * l(f(x + delta_r), f(x)) of Eq. 2; the caller adds the task loss.
+        return self._penalty(noisy, step)
 
     def stats(self) -> dict[str, float]:
         """Telemetry for logging: last layer, noise-to-hidden norm ratio, skipped steps."""
         layer = math.nan if self.last_layer is None else float(self.last_layer)
         return {"rapt/layer": layer, **super().stats()}
 
-    def remove(self) -> None:
-        """Remove every hook; the model is exactly as before. Safe to call twice."""
-        self._hooks.remove()
-        self._last_noise_ratio = None
-
     def __repr__(self) -> str:
-        where = ", ".join(repr(s.path or s.names[0]) for s in self.stacks)
         return (
-            f"{type(self).__name__}(blocks={where}, eta={self.eta}, layers={self.min_layer}.."
-            f"{self.max_layer}, alpha={self.alpha}, norm={self.norm!r})"
+            f"{type(self).__name__}(blocks={self.stack_path!r}, eta={self.eta}, layers="
+            f"{self.min_layer}..{self.max_layer}, alpha={self.alpha}, norm={self.norm!r})"
         )
-
-    # -- internals ------------------------------------------------------------------------------
-
-    def _perturbation(
-        self,
-        seed: int,
-        noise_mask: Optional[torch.Tensor] = None,
-        segment_ids: Optional[torch.Tensor] = None,
-    ) -> Perturb:
-        """``delta = eta * d / ||d||_inf``, ``d ~ N(0, sigma^2 I)``; the same for one ``seed``.
-
-        With ``noise_mask``/``segment_ids`` the norm is per real-token example (or segment) and
-        padding gets none; with ``eta_scale="hidden_rms"``, ``eta`` is relative to the RMS of
-        the hidden states it is added to.
-        """
-
-        @torch.compiler.disable
-        def perturb(hidden: torch.Tensor, batch_dim: int) -> torch.Tensor:
-            scale = None
-            if self.eta_scale == "hidden_rms":
-                scale = hidden_rms(
-                    hidden,
-                    batch_dim=batch_dim,
-                    per_token=self.per_token,
-                    noise_mask=noise_mask,
-                    segment_ids=segment_ids,
-                )
-            return sample_noise(
-                hidden.shape,
-                eta=self.eta,
-                sigma=self.sigma,
-                norm=self.norm,
-                batch_dim=batch_dim,
-                per_token=self.per_token,
-                dtype=hidden.dtype,
-                device=hidden.device,
-                generator=self._noise_source(hidden.device, seed),
-                noise_mask=noise_mask,
-                segment_ids=segment_ids,
-                scale=scale,
-            )
-
-        return perturb
-
-    def _settle_stack(self, hooks: StackHooks, p: NoisyPass) -> None:
-        super()._settle_stack(hooks, p)
-        if len(self.stacks) == 1:
-            self._check_max_layer()
-
-    def _check_max_layer(self) -> None:
-        """Refuse a max_layer beyond the deepest candidate (again once one stack is known)."""
-        depth = max(s.calls_per_forward for s in self.stacks)
-        if self.max_layer > depth:
-            raise RaptRegError(
-                f"max_layer={self.max_layer} but the model has {depth} blocks "
-                f"({', '.join(repr(s.path or s.names[0]) for s in self.stacks)}): use "
-                f"max_layer <= {depth}"
-            )
 
     def _on_zero_penalty(self, seen: bool) -> None:
         if not seen or self._warned_zero or self.eta == 0 or self.alpha == 0:
             return
         self._warned_zero = True
-        where = self.stacks[0].path or ",".join(self.stacks[0].names)
         warnings.warn(
             f"the RAPT penalty was exactly 0 although noise of size eta={self.eta} was added "
-            f"to {where!r}: either the output does not depend on that stack (pass blocks= "
-            "naming the blocks whose output the model uses), or the noise is below the "
+            f"to {self.stack_path!r}: either the output does not depend on that stack (pass "
+            "blocks= naming the blocks whose output the model uses), or the noise is below the "
             "resolution of the hidden states' dtype, e.g. bfloat16 (raise eta, or train in "
             "float32 with autocast). This is said once.",
             stacklevel=4,

@@ -1,27 +1,17 @@
-"""Adding the noise again when a checkpointed region is recomputed in backward.
+"""The same noise again when a checkpointed region is recomputed: identity, not fingerprints.
 
-``torch.utils.checkpoint`` (reentrant or not, ``checkpoint_sequential``, transformers'
-``gradient_checkpointing_enable``) stashes the global RNG state when a region runs forward and
-restores it before recomputing the region, so that dropout needs to know nothing. The noise
-rides on the same mechanism:
+The rule. Every noisy pass is a :class:`Frame` that runs on an RNG stream seeded from a seed no
+other live frame holds, and each of its hook calls records the RNG state it finds and then
+re-seeds the stream from (frame seed, call number), so no two hook calls of any live frames
+ever find the same state. ``torch.utils.checkpoint`` restores the RNG state before it recomputes
+a region, so an idle hook that finds a recorded state is the recomputation of exactly that call:
+it re-seeds the same way and, at the call that added the noise, adds the same noise again. A
+seed already live, a recorded state found by another module or hook, or a call replayed twice
+in one backward is refused with a :class:`~rapt_reg.RaptRegError`.
 
-1. every noisy pass runs on an RNG stream of its own (:meth:`Replays.stream`: the global RNG is
-   forked and seeded from the pass's seed, and restored afterwards), so the RNG state inside it
-   belongs to that pass alone;
-2. where the noise is added, the pass records which hook of which module added it and the RNG
-   state at that moment (:meth:`Replays.record`);
-3. an idle hook that fires while passes are pending compares the RNG state with theirs
-   (:meth:`Replays.find`): it is equal only inside a recomputation of that pass's region, at that
-   hook, and the hook then adds the same, deterministically regenerated, noise.
-
-Nothing is matched by tensor identity, so a caller-made ``inputs_embeds`` given to both passes
-or a frozen embedding made to require grad are no different from any other input. A record
-lives as long as the noisy pass's autograd graph (:func:`carry`), not longer.
-
-Limit: a checkpoint called with ``preserve_rng_state=False`` does not restore the RNG state, so
-neither dropout nor the noise is replayed in its recomputation; do not combine it with RAPT.
-Nor may the forward itself re-seed the global RNG (``torch.manual_seed`` inside it): both
-passes would then share RNG states, and their recomputations could not be told apart.
+A frame lives exactly as long as its pass's autograd graph (:func:`carry`); so do its records.
+Only the CPU generator carries the identity (a checkpoint restores it on every device type);
+the accelerators' generators are seeded once per pass, so their dropout replays as usual.
 """
 
 from __future__ import annotations
@@ -30,97 +20,154 @@ import contextlib
 import threading
 import weakref
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
-from typing import Any, Callable
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
 
 import torch
 from torch import nn
 
 from .errors import RaptRegError
 
-# The global RNG is the process's: two threads forking and restoring it at once would leave one
-# thread's stream state behind as the global state (and a record could then match a plain
-# forward). Noisy passes therefore take turns, process-wide; a thread may nest them.
-_STREAM_LOCK = threading.RLock()
+Perturb = Callable[[torch.Tensor, int], torch.Tensor]
+"""``(hidden, batch_dim) -> delta``; must return the same delta when called again."""
+
+# The global RNG is the process's: streams of all threads take turns (a thread may nest them).
+_LOCK = threading.RLock()
+_FRAMES: weakref.WeakSet[Frame] = weakref.WeakSet()  # the live ones
+_CALLS: weakref.WeakValueDictionary[tuple, Call] = weakref.WeakValueDictionary()  # see _key
+_MASK64 = 2**64 - 1
 
 
 @dataclass(eq=False)
-class Replay:
-    """Where one noisy pass added its noise, and how to make the same noise again."""
+class Call:
+    """One hook call of a noisy pass: whose, which, the state it found, and if it was replayed."""
 
-    module: weakref.ref
-    where: str  # "pre": added to the module's input; "post": to its output
-    perturb: Callable[[torch.Tensor, int], torch.Tensor]
-    batch_dim: int
-    rng_state: torch.Tensor
+    owner: object
+    seed: int  # the frame's
+    number: int
+    module: nn.Module
+    where: str  # "pre" or "post"
+    state: torch.Tensor
+    noise: Optional[tuple[Perturb, int]] = None  # (perturb, batch_dim) where it added noise
+    replayed: bool = False
+
+
+@dataclass(eq=False)
+class Frame:
+    """One noisy pass: whose it is, its seed, the model it runs, and its hook calls."""
+
+    owner: object  # the hooks object whose calls these are
+    seed: int
+    model: nn.Module
+    calls: list[Call] = field(default_factory=list)
 
     def filter(self, grad: torch.Tensor) -> torch.Tensor:
+        """A backward through this pass starts here (see :func:`carry`): no call replayed yet."""
+        for call in self.calls:
+            call.replayed = False
         return grad
 
 
-class Replays:
-    """The noisy passes whose graph may still be recomputed; see the module docstring."""
+def _state(owner: object) -> tuple[torch.Tensor, tuple]:
+    """The CPU RNG state, and a key for the owner's calls: the owner (alive while its calls
+    are) and the state's first 128 bytes (seed, position, first words)."""
+    state = torch.get_rng_state()
+    return state, (id(owner), *state[:128].view(torch.int64).tolist())
 
-    def __init__(self) -> None:
-        self._pending: weakref.WeakSet[Replay] = weakref.WeakSet()
-        self._in_stream = False
 
-    @contextlib.contextmanager
-    def stream(self, seed: int, devices: Iterable[torch.device] = ()) -> Iterator[None]:
-        """Run a noisy pass on an RNG stream of its own, seeded with ``seed``.
+def _reseed(seed: int, number: int) -> None:
+    """Seed the CPU generator from (seed, number): splitmix64, distinct for distinct pairs."""
+    z = (seed + (number + 1) * 0x9E3779B97F4A7C15) & _MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    torch.default_generator.manual_seed(z ^ (z >> 31))
 
-        The global RNG (CPU, and ``devices``' default generators) is restored on exit, so the
-        pass consumes nothing from it: its dropout masks come from ``seed``. Streams of all
-        threads take turns (the global RNG is the process's).
-        """
-        accelerators = sorted({d for d in devices if d.type != "cpu"}, key=str)
-        kinds = {d.type for d in accelerators}
-        if len(kinds) > 1:
+
+@contextlib.contextmanager
+def stream(frame: Frame, devices: Iterable[torch.device] = ()) -> Iterator[Frame]:
+    """Run a pass on an RNG stream of its own, seeded with ``frame.seed``; restore the global RNG.
+
+    The CPU generator and ``devices``' default generators are forked, seeded and restored on
+    exit, so the pass consumes nothing from them.
+
+    Raises:
+        RaptRegError: if a live frame of an installed regularizer on a model sharing modules
+            with this one holds the same seed (two regularizers built from the same seed, both
+            with a noisy graph alive), or the parameters are on several accelerator types.
+    """
+    accelerators = sorted({d for d in devices if d.type != "cpu"}, key=str)
+    kinds = {d.type for d in accelerators}
+    if len(kinds) > 1:
+        raise RaptRegError(
+            f"the model's parameters are on several accelerator types ({sorted(kinds)}): "
+            "RAPT supports the CPU plus one accelerator type"
+        )
+    device_type = kinds.pop() if kinds else "cuda"
+    indices = [d.index if d.index is not None else 0 for d in accelerators]
+    with _LOCK, torch.random.fork_rng(devices=indices, device_type=device_type):
+        if any(_conflict(f, frame) for f in _FRAMES):
             raise RaptRegError(
-                f"the model's parameters are on several accelerator types ({sorted(kinds)}): "
-                "RAPT supports the CPU plus one accelerator type"
+                "two noisy passes drew the same noise-stream seed while both graphs are alive: "
+                "the regularizers were built from the same seed. Give each its own generator "
+                "(generator=torch.Generator().manual_seed(seed + i)), or backpropagate one "
+                "penalty before the other regularizer's call"
             )
-        device_type = kinds.pop() if kinds else "cuda"
-        indices = [d.index if d.index is not None else 0 for d in accelerators]
-        with _STREAM_LOCK, torch.random.fork_rng(devices=indices, device_type=device_type):
-            torch.default_generator.manual_seed(seed)
-            if indices:
-                module = getattr(torch, device_type)
-                for index in indices:
-                    with module.device(index):
-                        module.manual_seed(seed)
-            self._in_stream = True
-            try:
-                yield
-            finally:
-                self._in_stream = False
+        _FRAMES.add(frame)  # until the frame (the pass's graph) is gone
+        torch.default_generator.manual_seed(frame.seed)
+        module = getattr(torch, device_type, None) if indices else None
+        for index in indices:
+            with module.device(index):  # type: ignore[union-attr]
+                module.manual_seed(frame.seed)  # type: ignore[union-attr]
+        yield frame
 
-    def record(
-        self,
-        module: nn.Module,
-        where: str,
-        perturb: Callable[[torch.Tensor, int], torch.Tensor],
-        batch_dim: int,
-    ) -> Replay:
-        """Note that ``module``'s ``where`` hook added noise now (inside :meth:`stream`)."""
-        if not self._in_stream:
-            raise RuntimeError("Replays.record must be called inside Replays.stream")
-        replay = Replay(weakref.ref(module), where, perturb, batch_dim, torch.get_rng_state())
-        self._pending.add(replay)
-        return replay
 
-    def find(self, module: nn.Module, where: str) -> Replay | None:
-        """The pending pass whose noise point this hook call recomputes, if any."""
-        if torch.compiler.is_compiling() or not self._pending:
-            return None
-        candidates = [r for r in self._pending if r.where == where and r.module() is module]
-        if not candidates:
-            return None
-        state = torch.get_rng_state()
-        return next((r for r in candidates if torch.equal(r.rng_state, state)), None)
+def _conflict(live: Frame, new: Frame) -> bool:
+    """Whether ``live``'s hooks, still installed, could see ``new``'s states (same seed, and
+    their models share a module)."""
+    if live.seed != new.seed or not getattr(live.owner, "installed", True):
+        return False
+    a, b = live.model, new.model
+    return a is b or not {id(m) for m in a.modules()}.isdisjoint(id(m) for m in b.modules())
 
-    def clear(self) -> None:
-        self._pending = weakref.WeakSet()
+
+def enter(frame: Frame, module: nn.Module, where: str) -> Call:
+    """An armed hook call: record the RNG state it finds, then re-seed the stream."""
+    state, key = _state(frame.owner)
+    if key in _CALLS:  # only a forward that re-seeds the global RNG itself could do this
+        raise RaptRegError(
+            "a noisy pass found the RNG state of a recorded hook call: a forward that re-seeds "
+            "the global RNG (torch.manual_seed inside the model) or runs a noisy pass inside "
+            "another one cannot be told apart from a recomputation. Seed outside the forward"
+        )
+    call = Call(frame.owner, frame.seed, len(frame.calls), module, where, state)
+    frame.calls.append(call)
+    _CALLS[key] = call
+    _reseed(frame.seed, call.number)
+    return call
+
+
+def find(owner: object, module: nn.Module, where: str) -> Optional[Call]:
+    """An idle hook call: the recorded call it recomputes (re-seeded as then), else None."""
+    if not _CALLS or torch.compiler.is_compiling():
+        return None
+    state, key = _state(owner)
+    call = _CALLS.get(key)
+    if call is None or not torch.equal(call.state, state):
+        return None
+    if call.module is not module or call.where != where:
+        raise RaptRegError(
+            f"a recomputed region ran {type(module).__name__}'s {where}-hook where the noisy "
+            f"pass ran {type(call.module).__name__}'s {call.where}-hook: the forward is not "
+            "deterministic, so the noise cannot be replayed. Turn gradient checkpointing off"
+        )
+    if call.replayed:
+        raise RaptRegError(
+            "a checkpointed region holding a noisy pass was recomputed twice in one backward "
+            "(nested reentrant checkpoints): use use_reentrant=False, or checkpoint one level"
+        )
+    call.replayed = True
+    _reseed(call.seed, call.number)
+    return call
 
 
 class _Carry(torch.autograd.Function):

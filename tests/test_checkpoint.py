@@ -24,7 +24,8 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint, checkpoint_sequential
 
 from rapt_reg import RandomPerturbationRegularizer, RaptRegError
-from rapt_reg.replay import Replay, Replays, carry
+from rapt_reg import replay
+from rapt_reg.replay import carry
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -197,47 +198,91 @@ def test_checkpoint_sequential_is_exact(segments, reentrant, form):
         _assert_same_grads(results[1], results[0])
 
 
-# -- the replay records themselves (rapt_reg.replay) -------------------------------------------
+# -- the identities themselves (rapt_reg.replay) -------------------------------------------
 
 
-def _noise(hidden: torch.Tensor, batch_dim: int) -> torch.Tensor:
-    return torch.ones_like(hidden)
+def _frame(seed: int, owner: object = None, model: nn.Module | None = None) -> replay.Frame:
+    return replay.Frame(owner if owner is not None else object(), seed, model or nn.Linear(1, 1))
 
 
-def test_a_record_is_found_only_by_its_own_hook_at_its_own_rng_state():
-    replays, block, other = Replays(), nn.Linear(2, 2), nn.Linear(2, 2)
-    with replays.stream(seed=7):
-        record = replays.record(block, "post", _noise, 1)
-        assert (record.module(), record.where, record.perturb, record.batch_dim) == (
-            block,
-            "post",
-            _noise,
-            1,
-        )
-        assert replays.find(block, "post") is record
-        assert replays.find(block, "pre") is None
-        assert replays.find(other, "post") is None
-        torch.rand(1)  # the RNG moved on: no recomputation is at this point
-        assert replays.find(block, "post") is None
-    replays.clear()
-    assert replays.find(block, "post") is None
-    with replays.stream(seed=7):  # cleared, the records are usable again
-        assert replays.record(block, "pre", _noise, 0) is replays.find(block, "pre")
+def test_every_call_finds_a_state_of_its_own_and_only_its_recomputation_finds_it():
+    """enter() records the state a call found and re-seeds; find() is true only where that
+    state is restored (as a checkpoint restores it), for that owner, module and hook."""
+    owner, block, other = object(), nn.Linear(2, 2), nn.Linear(2, 2)
+    frame = _frame(7, owner)
+    with replay.stream(frame):
+        region = torch.get_rng_state()  # what a checkpoint saves when its region starts
+        first = replay.enter(frame, block, "pre")
+        second = replay.enter(frame, block, "pre")  # the same module called again
+        after = torch.get_rng_state()
+    assert (first.number, second.number) == (0, 1) and frame.calls == [first, second]
+    assert not torch.equal(first.state, second.state)  # two calls never share a state
+    assert replay.find(owner, block, "pre") is None  # the RNG is elsewhere now
+    torch.set_rng_state(region)  # a recomputation of the region starts
+    assert replay.find(object(), block, "pre") is None  # another owner's hook: not its call
+    assert replay.find(owner, block, "pre") is first  # found, and re-seeded as then
+    assert replay.find(owner, block, "pre") is second
+    assert torch.equal(torch.get_rng_state(), after)
+    torch.set_rng_state(region)
+    with pytest.raises(RaptRegError, match="recomputed twice in one backward"):
+        replay.find(owner, block, "pre")
+    frame.filter(torch.ones(1))  # a new backward through the pass
+    assert replay.find(owner, block, "pre") is first
+    torch.set_rng_state(region)
+    with pytest.raises(RaptRegError, match="not deterministic"):
+        replay.find(owner, other, "pre")
 
 
-def test_a_record_outside_a_stream_is_refused():
-    replays = Replays()
-    for _ in range(2):  # before any stream, and after one
-        with pytest.raises(RuntimeError) as info:
-            replays.record(nn.Linear(2, 2), "post", _noise, 0)
-        assert str(info.value) == "Replays.record must be called inside Replays.stream"
-        with replays.stream(seed=1):
-            pass
+def test_records_live_exactly_as_long_as_their_frame():
+    owner, block = object(), nn.Linear(2, 2)
+    frame = _frame(3, owner)
+    with replay.stream(frame):
+        region = torch.get_rng_state()
+        replay.enter(frame, block, "post")
+    alive = weakref.ref(frame)
+    del frame
+    assert alive() is None
+    torch.set_rng_state(region)
+    assert replay.find(owner, block, "post") is None
+
+
+def test_a_seed_live_on_a_model_sharing_modules_is_refused():
+    """Two installed regularizers on one model, built from one seed, both graphs alive: their
+    streams would coincide. Another model, or a removed regularizer, is no conflict."""
+
+    class Installed:
+        installed = True
+
+    model = nn.Sequential(nn.Linear(2, 2))
+    live = _frame(11, Installed(), model)
+    with replay.stream(live):
+        pass
+    with pytest.raises(RaptRegError, match="same noise-stream seed"), replay.stream(
+        _frame(11, Installed(), nn.Sequential(model[0]))
+    ):
+        pass
+    with replay.stream(_frame(11, Installed(), nn.Linear(2, 2))):  # another model
+        pass
+    Installed.installed = False  # removed: its hooks see nothing any more
+    with replay.stream(_frame(11, Installed(), model)):
+        pass
+    assert live.seed == 11
+
+
+def test_a_forward_that_reseeds_the_global_rng_is_refused():
+    frame, block = _frame(5), nn.Linear(2, 2)
+    with replay.stream(frame):
+        torch.manual_seed(0)
+        replay.enter(frame, block, "pre")
+        torch.manual_seed(0)
+        with pytest.raises(RaptRegError, match="re-seeds the global RNG"):
+            replay.enter(frame, block, "pre")
 
 
 def test_a_stream_seeds_the_cpu_rng_and_restores_it():
+    frame = _frame(123)
     before = torch.get_rng_state()
-    with Replays().stream(seed=123):
+    with replay.stream(frame):
         inside = torch.rand(4)
     assert torch.equal(torch.get_rng_state(), before)
     torch.testing.assert_close(inside, torch.rand(4, generator=torch.Generator().manual_seed(123)))
@@ -285,22 +330,23 @@ def test_a_stream_seeds_each_accelerator_in_use_and_restores_them(fpga):
     before = [rng.get_state() for rng in fpga.rngs]
     seeded = torch.Generator().manual_seed(5).get_state()
     devices = [torch.device("cpu"), torch.device("fpga"), torch.device("fpga:1")]
-    with Replays().stream(seed=5, devices=devices):
+    with replay.stream(_frame(5), devices=devices):
         assert torch.equal(fpga.rngs[0].get_state(), seeded)  # no index: device 0
         assert torch.equal(fpga.rngs[1].get_state(), seeded)
         assert torch.equal(fpga.rngs[2].get_state(), before[2])  # not in use: untouched
         fpga.rngs[1].manual_seed(9)  # the pass draws from it
     for rng, state in zip(fpga.rngs, before):
         assert torch.equal(rng.get_state(), state)
-    with Replays().stream(seed=5, devices=[torch.device("fpga:2")]):
-        assert torch.equal(fpga.rngs[2].get_state(), seeded)
+    with replay.stream(_frame(6), devices=[torch.device("fpga:2")]):
+        assert torch.equal(fpga.rngs[2].get_state(), torch.Generator().manual_seed(6).get_state())
         assert torch.equal(fpga.rngs[0].get_state(), before[0])
 
 
 def test_parameters_on_two_accelerator_types_are_refused():
+    frame = _frame(1)
     before = torch.get_rng_state()
     devices = [torch.device("cpu"), torch.device("xpu:0"), torch.device("cuda:1")]
-    with pytest.raises(RaptRegError) as info, Replays().stream(seed=1, devices=devices):
+    with pytest.raises(RaptRegError) as info, replay.stream(frame, devices=devices):
         pass
     assert str(info.value) == (
         "the model's parameters are on several accelerator types (['cuda', 'xpu']): RAPT "
@@ -336,9 +382,8 @@ def test_carry_returns_a_tensor_without_a_graph_as_it_is():
     assert carry(x, None) is x
     with torch.no_grad():
         assert carry(x, holder) is x
-    record = Replay(weakref.ref(nn.Linear(1, 1)), "post", _noise, 0, torch.get_rng_state())
     grad = torch.randn(3)
-    assert record.filter(grad) is grad  # a replay record passes the gradient on unchanged
+    assert _frame(2).filter(grad) is grad  # a frame passes the gradient on unchanged
 
 
 class KeywordBlock(Block):

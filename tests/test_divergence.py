@@ -321,22 +321,25 @@ def test_all_false_mask_gives_zero_and_zero_gradients():
     assert torch.equal(clean.grad, torch.zeros_like(clean))
 
 
-@pytest.mark.promise("custom-divergence-whole-tensors")
-def test_custom_callable_with_a_mask_never_sees_nan_and_gets_whole_tensors():
+@pytest.mark.promise("custom-divergence-chunked")
+def test_custom_callable_is_chunked_too_and_never_sees_nan():
+    """A user's divergence gets chunks of positions [rows, C] (forward, then each recomputed
+    in backward), never a masked-out value, and the formula's value and gradient."""
     seen = []
 
     def l1(noisy, clean):
-        seen.append(noisy.shape)
+        seen.append((tuple(noisy.shape), bool(noisy.isnan().any())))
         return (noisy - clean).abs().sum(-1)
 
     noisy = torch.randn(2, 3, 4, requires_grad=True)
     mask = torch.tensor([[True, True, False], [True, False, False]])
     poisoned = torch.where(mask[..., None], noisy, float("nan"))
-    value = div.reduce_divergence(l1, poisoned, torch.zeros(2, 3, 4), mask)
+    value = div.reduce_divergence(l1, poisoned, torch.zeros(2, 3, 4), mask, chunk_positions=4)
     value.backward()
-    assert seen == [(2, 3, 4)]
+    assert seen == [((4, 4), False), ((2, 4), False)] * 2
     torch.testing.assert_close(value, noisy[mask].abs().sum(-1).mean())
-    assert torch.isfinite(noisy.grad).all() and (noisy.grad[~mask] == 0).all()
+    expected = torch.where(mask[..., None], noisy.detach().sign() / 3, 0.0)
+    torch.testing.assert_close(noisy.grad, expected)
 
 
 @pytest.mark.parametrize("bad", [0, -1, 2.5, True])

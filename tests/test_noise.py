@@ -48,11 +48,15 @@ def test_sigma_cancels_under_a_norm(shape, eta, sigma, seed):
 @settings(max_examples=30, deadline=None)
 @given(shape=shapes, eta=etas, seed=st.integers(0, 2**31))
 def test_per_token_scales_each_position(shape, eta, seed):
+    """A position is an index of the dimension after the batch's: its features (every further
+    dimension) have inf-norm eta; hidden states with no such dimension have one per example."""
     noise = sample_noise(
         shape, eta=eta, per_token=True, generator=torch.Generator().manual_seed(seed)
     )
-    expected = torch.full(shape[:-1], eta, dtype=torch.float64)
-    torch.testing.assert_close(noise.double().abs().amax(-1), expected, rtol=1e-6, atol=0)
+    positions = shape[1] if len(shape) > 1 else 1
+    sizes = noise.double().abs().reshape(shape[0], positions, -1).amax(-1)
+    expected = torch.full((shape[0], positions), eta, dtype=torch.float64)
+    torch.testing.assert_close(sizes, expected, rtol=1e-6, atol=0)
 
 
 @pytest.mark.promise("noise-norms")
