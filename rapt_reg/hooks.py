@@ -119,13 +119,13 @@ class StackHooks:
         self, stacks: Sequence[Sequence[nn.Module]], batch_dims: Sequence[Optional[int]]
     ) -> None:
         self._batch_dims = list(batch_dims)
-        self._stack_of: dict[nn.Module, int] = {}
+        self._stack_of: dict[int, int] = {}  # id(block) -> stack (ids: cheap under dynamo)
         self._handles: Optional[list[tuple[int, Any]]] = []
         self._pass: Optional[NoisyPass] = None
         for index, blocks in enumerate(stacks):
             for block in blocks:
-                if block not in self._stack_of:  # a block in two candidate stacks: hooked once
-                    self._stack_of[block] = index
+                if id(block) not in self._stack_of:  # a block of two candidates: hooked once
+                    self._stack_of[id(block)] = index
                     self._handles.append(
                         (index, block.register_forward_pre_hook(self._pre, with_kwargs=True))
                     )
@@ -163,7 +163,7 @@ class StackHooks:
                 handle.remove()
         self._handles = [(0, h) for i, h in self._handles if i == index]
         self._batch_dims = [self._batch_dims[index]]
-        self._stack_of = {m: 0 for m, i in self._stack_of.items() if i == index}
+        self._stack_of = {b: 0 for b, i in self._stack_of.items() if i == index}
 
     def remove(self) -> None:
         """Remove every hook; safe to call twice."""
@@ -172,25 +172,35 @@ class StackHooks:
         self._handles, self._pass = None, None
 
     # -- the hooks: enter the frame, count the call, add the noise at its point -------------
+    # Idle and with no noisy graph alive (or traced by torch.compile) a hook returns at once;
+    # anything else runs eagerly (a compiled model breaks its graph there, in a noisy pass).
 
-    def _pre(self, module: nn.Module, args: tuple, kwargs: dict) -> Optional[tuple[tuple, dict]]:
-        p = self._pass
+    def _pre(self, module: nn.Module, args: tuple, kwargs: dict) -> Any:
+        if self._pass is None and (torch.compiler.is_compiling() or not replay.pending()):
+            return None
+        return self._eager_pre(module, args, kwargs)
+
+    def _post(self, module: nn.Module, args: tuple, output: Any) -> Any:
+        if self._pass is None and (torch.compiler.is_compiling() or not replay.pending()):
+            return None
+        return self._eager_post(module, output)
+
+    @torch.compiler.disable
+    def _eager_pre(self, module: nn.Module, args: tuple, kwargs: dict) -> Any:
+        p, key = self._pass, input_key(args, kwargs)
+        hidden = None if key is None else args[0] if key == 0 else kwargs[key]
         if p is None:
             call = replay.find(self, module, "pre")
-            if call is None or call.noise is None:
+            if call is None or call.noise is None or hidden is None:
                 return None
-            key = input_key(args, kwargs)
-            hidden = args[0] if key == 0 else kwargs[key]
             return with_input(args, kwargs, key, hidden + call.noise[0](hidden, call.noise[1]))
         call = replay.enter(p.frame, module, "pre")
-        index = self._stack_of[module]
+        index = self._stack_of[id(module)]
         p.stack = index if p.stack is None else p.stack
         if index != p.stack:
             p.others += [] if index in p.others else [index]
             return None
         p.calls += 1
-        key = input_key(args, kwargs)
-        hidden = None if key is None else args[0] if key == 0 else kwargs[key]
         if p.calls == 1 and hidden is not None and self._batch_dims[index] is None:
             self._batch_dims[index] = infer_batch_dim(hidden, args, kwargs) or 0  # first decides
         if p.calls != 1 or p.layer != 0:
@@ -202,7 +212,8 @@ class StackHooks:
             )
         return with_input(args, kwargs, key, self._add(p, call, hidden))
 
-    def _post(self, module: nn.Module, args: tuple, output: Any) -> Any:
+    @torch.compiler.disable
+    def _eager_post(self, module: nn.Module, output: Any) -> Any:
         p = self._pass
         if p is None:
             call = replay.find(self, module, "post")
@@ -211,7 +222,7 @@ class StackHooks:
             hidden = output_hidden(output)
             return _with_output(output, hidden + call.noise[0](hidden, call.noise[1]))
         call = replay.enter(p.frame, module, "post")
-        if p.layer == 0 or p.applied or self._stack_of[module] != p.stack or p.calls != p.layer:
+        if p.layer == 0 or p.applied or self._stack_of[id(module)] != p.stack or p.calls != p.layer:
             return None
         return _with_output(output, self._add(p, call, output_hidden(output)))
 

@@ -34,7 +34,7 @@ Perturb = Callable[[torch.Tensor, int], torch.Tensor]
 # The global RNG is the process's: streams of all threads take turns (a thread may nest them).
 _LOCK = threading.RLock()
 _FRAMES: weakref.WeakSet[Frame] = weakref.WeakSet()  # the live ones
-_CALLS: weakref.WeakValueDictionary[tuple, Call] = weakref.WeakValueDictionary()  # see _key
+_CALLS: weakref.WeakValueDictionary[tuple[int, int], Call] = weakref.WeakValueDictionary()
 _MASK64 = 2**64 - 1
 
 
@@ -68,11 +68,11 @@ class Frame:
         return grad
 
 
-def _state(owner: object) -> tuple[torch.Tensor, tuple]:
-    """The CPU RNG state, and a key for the owner's calls: the owner (alive while its calls
-    are) and the state's first 128 bytes (seed, position, first words)."""
-    state = torch.get_rng_state()
-    return state, (id(owner), *state[:128].view(torch.int64).tolist())
+def _key(owner: object) -> tuple[int, int]:
+    """Where a call of ``owner`` is filed: the owner (alive while its calls are) and the seed
+    of the CPU stream, which every armed call sets anew (so one call per key; the full state
+    confirms a match)."""
+    return id(owner), torch.default_generator.initial_seed()
 
 
 def _reseed(seed: int, number: int) -> None:
@@ -130,16 +130,21 @@ def _conflict(live: Frame, new: Frame) -> bool:
     return a is b or not {id(m) for m in a.modules()}.isdisjoint(id(m) for m in b.modules())
 
 
+def pending() -> bool:
+    """Whether some noisy pass's calls are alive (so an idle hook may be a recomputation)."""
+    return bool(_CALLS)
+
+
 def enter(frame: Frame, module: nn.Module, where: str) -> Call:
     """An armed hook call: record the RNG state it finds, then re-seed the stream."""
-    state, key = _state(frame.owner)
+    key = _key(frame.owner)
     if key in _CALLS:  # only a forward that re-seeds the global RNG itself could do this
         raise RaptRegError(
             "a noisy pass found the RNG state of a recorded hook call: a forward that re-seeds "
             "the global RNG (torch.manual_seed inside the model) or runs a noisy pass inside "
             "another one cannot be told apart from a recomputation. Seed outside the forward"
         )
-    call = Call(frame.owner, frame.seed, len(frame.calls), module, where, state)
+    call = Call(frame.owner, frame.seed, len(frame.calls), module, where, torch.get_rng_state())
     frame.calls.append(call)
     _CALLS[key] = call
     _reseed(frame.seed, call.number)
@@ -148,11 +153,8 @@ def enter(frame: Frame, module: nn.Module, where: str) -> Call:
 
 def find(owner: object, module: nn.Module, where: str) -> Optional[Call]:
     """An idle hook call: the recorded call it recomputes (re-seeded as then), else None."""
-    if not _CALLS or torch.compiler.is_compiling():
-        return None
-    state, key = _state(owner)
-    call = _CALLS.get(key)
-    if call is None or not torch.equal(call.state, state):
+    call = _CALLS.get(_key(owner))
+    if call is None or not torch.equal(call.state, torch.get_rng_state()):
         return None
     if call.module is not module or call.where != where:
         raise RaptRegError(

@@ -236,13 +236,12 @@ def test_sft_trainer_with_rapt(tmp_path: Path, packing: bool) -> None:
 
     reg.pair = spy  # type: ignore[method-assign]
     samples = []
-    make_perturbation = reg._perturbation
+    noisy_pass = reg._noisy_pass
 
-    def counting(*a: Any, **k: Any) -> Any:  # counts the noise drawn, in any pass
-        perturb = make_perturbation(*a, **k)
-        return lambda hidden, batch_dim: samples.append(1) or perturb(hidden, batch_dim)
+    def counting(forward: Any, layer: int, perturb: Any, *rest: Any) -> Any:  # noise drawn
+        return noisy_pass(forward, layer, lambda h, b: samples.append(1) or perturb(h, b), *rest)
 
-    reg._perturbation = counting  # type: ignore[method-assign]
+    reg._noisy_pass = counting  # type: ignore[method-assign]
     trainer = with_rapt(trl.SFTTrainer)(
         model=model,
         args=args,
