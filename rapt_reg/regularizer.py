@@ -320,13 +320,14 @@ class PerturbationRegularizer(abc.ABC):
             )
         if p.others:
             raise ambiguity_error([self.stacks[i] for i in (p.stack or 0, *p.others)])
+        stack = self.stacks[p.stack or 0]
         if not p.applied or max_layer > p.calls:
             raise RaptRegError(
                 f"the noise did not reach the model: max_layer={max(max_layer, p.layer)} but "
-                f"the forward ran the blocks of {where} {p.calls} times: use max_layer <= "
-                f"{p.calls}, or pass blocks= naming the stack this forward runs"
+                f"the forward ran the blocks of {stack.path or ','.join(stack.names)!r} "
+                f"{p.calls} times: use max_layer <= {p.calls}, or pass blocks= naming the stack "
+                "this forward runs"
             )
-        stack = self.stacks[p.stack or 0]
         if len(self.stacks) > 1:
             self._hooks.keep_only(p.stack or 0)
         self.stacks = [stack.with_calls(p.calls, self._hooks.batch_dim(0))]

@@ -14,7 +14,12 @@ from models import (
 )
 from torch import nn
 
-from rapt_reg import BlockDiscoveryError, RaptRegError, find_transformer_blocks
+from rapt_reg import (
+    BlockDiscoveryError,
+    RandomPerturbationRegularizer,
+    RaptRegError,
+    find_transformer_blocks,
+)
 from rapt_reg.discovery import find_block_stacks, unwrap_model
 
 MODELS = {
@@ -31,7 +36,7 @@ def test_finds_the_stack_in_call_order(make, path, depth):
     model = make()
     stack = find_transformer_blocks(model)
     assert stack.path == path
-    assert len(stack) == stack.calls_per_forward == depth
+    assert len(stack) == depth and stack.calls_per_forward is None  # counted on a forward
     assert list(stack.blocks) == list(model.get_submodule(path))
     assert stack.names == tuple(f"{path}.{i}" for i in range(depth))
 
@@ -256,52 +261,66 @@ def test_ambiguity_lists_every_stack_with_its_size():
 
 
 class SharedLayers(nn.Module):
-    """ALBERT's shape: ``config.num_hidden_layers`` block calls from fewer block modules."""
+    """ALBERT's shape: ``calls`` block calls from fewer block modules, looped, and a config
+    whose ``num_hidden_layers`` may say anything."""
 
-    def __init__(self, count: object, modules: int) -> None:
+    def __init__(self, count: object, modules: int, calls: int) -> None:
         super().__init__()
         self.config = SimpleNamespace(num_hidden_layers=count)
         self.layers = nn.ModuleList(Block(8, 2) for _ in range(modules))
+        self.calls = calls
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for i in range(self.calls):
+            x = self.layers[i % len(self.layers)](x)
+        return x.mean(1)
 
 
+@pytest.mark.promise("calls-observed")
 @pytest.mark.parametrize(
     ("count", "modules", "calls"),
     [
-        (6, 1, 6),  # one shared block run 6 times
+        (6, 1, 6),  # one shared block run 6 times, as the config says
         (6, 2, 6),  # two groups, each run 3 times
-        (5, 2, 2),  # not a multiple: the config does not describe this stack
-        (1, 2, 2),  # fewer layers than modules: the modules count
-        (2, 2, 2),
-        ("6", 2, 2),  # not an int: ignored
-        (6.0, 2, 2),
-        (None, 2, 2),
+        (4, 2, 2),  # the config says more layers than the forward runs
+        (1, 2, 4),  # and fewer
+        ("6", 2, 3),
+        (None, 1, 3),
     ],
 )
-def test_config_layer_count_counts_calls_of_shared_blocks(count, modules, calls):
-    model = SharedLayers(count, modules)
-    for stack in (
-        find_transformer_blocks(model),
-        find_transformer_blocks(model, blocks="layers"),
-    ):
-        assert stack.blocks == tuple(model.layers) and stack.path == "layers"
-        assert stack.calls_per_forward == calls and type(stack.calls_per_forward) is int
-
-
-def test_a_path_to_one_shared_block_counts_its_calls():
-    model = SharedLayers(6, 1)
-    stack = find_transformer_blocks(model, blocks="layers.0")
-    assert (stack.path, stack.names, stack.blocks) == ("", ("layers.0",), (model.layers[0],))
-    assert stack.calls_per_forward == 6
+def test_block_calls_are_counted_on_the_forward_never_read_from_a_config(count, modules, calls):
+    """The stack's calls are those the forward made; a max_layer beyond them is refused at
+    the first call, whatever the config says."""
+    x = torch.randn(2, 3, 8)
+    for blocks in (None, "layers"):
+        model = SharedLayers(count, modules, calls).train()
+        assert find_transformer_blocks(model, blocks=blocks).calls_per_forward is None
+        with RandomPerturbationRegularizer(model, max_layer=calls, blocks=blocks) as reg:
+            reg.pair(lambda m=model: m(x))
+            assert reg.stack.calls_per_forward == calls and reg.stack.blocks == tuple(model.layers)
+        beyond = RandomPerturbationRegularizer(
+            model, min_layer=1, max_layer=calls + 1, blocks=blocks
+        )
+        with pytest.raises(RaptRegError, match=f"max_layer={calls + 1} but the forward ran"):
+            beyond.pair(lambda m=model: m(x))
+        beyond.remove()
 
 
 def test_a_path_or_list_of_single_blocks_is_a_stack_without_a_path():
     model = TinyTransformer(depth=3)
     stack = find_transformer_blocks(model, blocks="layers.1")
     assert (stack.path, stack.names, stack.blocks) == ("", ("layers.1",), (model.layers[1],))
-    assert stack.calls_per_forward == 1
     stack = find_transformer_blocks(model, blocks=[model.layers[2], "layers.0"])
     assert (stack.path, stack.names) == ("", ("layers.2", "layers.0"))
-    assert stack.blocks == (model.layers[2], model.layers[0]) and stack.calls_per_forward == 2
+    assert stack.blocks == (model.layers[2], model.layers[0])
+    shared = SharedLayers(None, 1, 6).train()
+    with RandomPerturbationRegularizer(shared, max_layer=6, blocks="layers.0") as reg:
+        reg.pair(lambda: shared(torch.randn(2, 3, 8)))
+        assert (reg.stack.path, reg.stack.names, reg.stack.calls_per_forward) == (
+            "",
+            ("layers.0",),
+            6,
+        )
 
 
 @pytest.mark.parametrize(
