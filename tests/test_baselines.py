@@ -12,7 +12,7 @@ from models import TinyTransformer
 from torch import nn
 
 from rapt_reg import RaptRegError
-from rapt_reg.baselines import R3FRegularizer, SmartRegularizer, find_token_embeddings
+from rapt_reg.baselines import R3FRegularizer, SmartRegularizer
 
 BATCH, SEQ = 3, 7
 
@@ -174,15 +174,16 @@ def test_smart_nonfinite_penalty_raises_or_skips():
 
 
 def _r3f_reference(model, ids, *, eps, noise, seed):
-    """fairseq's sentence_prediction_r3f, step by step."""
-    token_embeddings = model.embed(ids)
-    input_logits = _from_tokens(model, token_embeddings)
-    shape, dtype = token_embeddings.shape, token_embeddings.dtype
+    """fairseq's sentence_prediction_r3f step, with the noise on the embedding output (the
+    input of the first block, where every method's noise goes) and not detached."""
+    input_logits = model(ids)
+    embed = model.drop(model.embed(ids) + model.pos[:, : ids.shape[1]])
+    shape, dtype = embed.shape, embed.dtype
     if noise == "uniform":
         sample = torch.rand(shape, generator=_seeded_source(seed), dtype=dtype) * 2 * eps - eps
     else:
         sample = torch.randn(shape, generator=_seeded_source(seed), dtype=dtype) * eps
-    noised_logits = _from_tokens(model, token_embeddings.detach().clone() + sample)
+    noised_logits = _from_layer0(model, embed + sample)
     symm_kl = (
         F.kl_div(F.log_softmax(noised_logits, -1), F.softmax(input_logits, -1), reduction="sum")
         + F.kl_div(F.log_softmax(input_logits, -1), F.softmax(noised_logits, -1), reduction="sum")
@@ -208,25 +209,6 @@ def test_r3f_matches_fairseq_reference(noise):
     _assert_same_grads(model, expected_grads)
 
 
-class TwoEmbeddings(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.tokens, self.positions = nn.Embedding(10, 4), nn.Embedding(6, 4)
-        self.head = nn.Linear(4, 2)
-
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.head((self.tokens(ids) + self.positions.weight[: ids.shape[1]]).mean(1))
-
-
-def test_r3f_needs_embeddings_named_when_unclear():
-    model = TwoEmbeddings()
-    with pytest.raises(RaptRegError, match="embeddings='<dotted path>'") as info:
-        find_token_embeddings(model)
-    assert "tokens, positions" in str(info.value)
-    assert find_token_embeddings(model, "tokens") == ["tokens"]
-    assert find_token_embeddings(model, model.tokens) == ["tokens"]
-
-
 # -- transformers models: where the noise goes ------------------------------------------------
 
 
@@ -250,32 +232,59 @@ def _t5():
     return transformers.T5ForConditionalGeneration(config).train()
 
 
-def test_r3f_finds_the_embedding_module_that_fires():
-    assert find_token_embeddings(_bert()) == ["bert.embeddings.word_embeddings"]
-    # T5's get_input_embeddings() is `shared`, but the encoder embeds through its own tied
-    # module: both are hooked, the first that runs is perturbed.
-    assert find_token_embeddings(_t5()) == [
-        "shared",
-        "encoder.embed_tokens",
-        "decoder.embed_tokens",
-    ]
-
-
-def test_r3f_perturbs_t5_encoder_tokens_only():
+def test_r3f_perturbs_the_t5_encoder_input_only():
     model = _t5()
     ids = _ids() % 60
     batch = dict(input_ids=ids, decoder_input_ids=ids[:, :4])
     seen: dict[str, list[torch.Tensor]] = {}
     with R3FRegularizer(model, eps=0.5) as reg:
-        for name in ("encoder.embed_tokens", "decoder.embed_tokens"):
-            model.get_submodule(name).register_forward_hook(
-                lambda m, a, out, name=name: seen.setdefault(name, []).append(out.detach())
+        for name in ("encoder.block.0", "decoder.block.0"):
+            model.get_submodule(name).register_forward_pre_hook(
+                lambda m, a, k, name=name: seen.setdefault(name, []).append(
+                    (a[0] if a else k["hidden_states"]).detach()
+                ),
+                with_kwargs=True,
             )
         clean, penalty = reg.pair(lambda: model(**batch))
-    enc, dec = seen["encoder.embed_tokens"], seen["decoder.embed_tokens"]
-    assert (enc[1] - enc[0]).abs().max() <= 0.5 and (enc[1] - enc[0]).abs().max() > 0
+    enc, dec = seen["encoder.block.0"], seen["decoder.block.0"]
+    assert 0 < (enc[1] - enc[0]).abs().max() <= 0.5
     torch.testing.assert_close(dec[1], dec[0], rtol=0, atol=0)
     assert float(penalty.detach()) > 0
+
+
+@pytest.mark.promise("baselines-checkpoint")
+@pytest.mark.parametrize("reentrant", [True, False], ids=["reentrant", "non_reentrant"])
+def test_r3f_under_gradient_checkpointing_matches_plain(reentrant):
+    """The noise goes through the hooks' replay: exact under transformers' checkpointing, the
+    reentrant kind too (0.2.0 lost the noisy side's gradient there)."""
+    ids = _ids() % 60
+
+    def run(checkpointing: bool) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        model = _bert()
+        if checkpointing:
+            model.gradient_checkpointing_enable({"use_reentrant": reentrant})
+        with R3FRegularizer(model, eps=0.1, generator=torch.Generator().manual_seed(0)) as reg:
+            clean, penalty = reg.pair(lambda: model(input_ids=ids))
+            (clean.logits.logsumexp(-1).mean() + penalty).backward()
+        return penalty.detach(), _grads(model)
+
+    (plain, plain_grads), (checkpointed, checkpointed_grads) = run(False), run(True)
+    torch.testing.assert_close(checkpointed, plain)
+    assert len(checkpointed_grads) == len(plain_grads)
+    for a, b in zip(checkpointed_grads, plain_grads):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.promise("baselines-checkpoint")
+def test_smart_under_reentrant_checkpointing_is_refused_naming_the_fix():
+    model = _bert()
+    model.gradient_checkpointing_enable({"use_reentrant": True})
+    ids = _ids() % 60
+    with SmartRegularizer(model, k=1) as reg, pytest.raises(RaptRegError) as info:
+        reg.pair(lambda: model(input_ids=ids))
+    assert "SMART's ascent step needs the gradient with respect to its noise" in str(info.value)
+    assert "use_reentrant" in str(info.value.__cause__)  # torch's own error, chained
+    assert "use_reentrant=False" in str(info.value)
 
 
 @pytest.mark.parametrize("build", [_bert, _t5], ids=["bert", "t5"])
@@ -350,7 +359,7 @@ def test_remove_leaves_no_hook_and_the_global_rng_untouched(make):
     model, ids = _tiny(), _ids()
     reg = make(model, generator=torch.Generator().manual_seed(0))
     state, draws = torch.get_rng_state(), reg.state_dict()
-    first = reg.pair(lambda: model(ids))[1]
+    first = reg.pair(lambda: model(ids))[1].detach()  # freed: the rewound RNG redraws its seed
     assert torch.equal(torch.get_rng_state(), state)
     reg.load_state_dict(draws)
     torch.testing.assert_close(reg.pair(lambda: model(ids))[1], first)

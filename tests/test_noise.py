@@ -6,7 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from rapt_reg import RaptRegError
-from rapt_reg.noise import hidden_rms, sample_noise, scale_noise, token_mask_like
+from rapt_reg.noise import hidden_rms, sample_noise, scale_noise
 
 shapes = st.lists(st.integers(1, 6), min_size=1, max_size=4).map(tuple)
 dtypes = st.sampled_from([torch.float32, torch.float64, torch.bfloat16, torch.float16])
@@ -355,20 +355,6 @@ def test_masked_scaling_makes_no_host_syncs(monkeypatch):
 # -- the helpers on their own (each case below failed a mutant of scripts/mutation.py) ---------
 
 
-@pytest.mark.parametrize("batch_dim", [0, 1, -2])
-def test_token_mask_like_follows_the_layout(batch_dim):
-    mask = torch.tensor([[True, False, True], [False, True, True]])  # [batch 2, seq 3]
-    shape = (2, 3, 4) if batch_dim == 0 else (3, 2, 4)
-    keep = token_mask_like(mask, torch.zeros(shape), batch_dim)
-    assert keep.dtype == torch.bool and keep.shape == (*shape[:2], 1)
-    assert torch.equal(keep[..., 0], mask if batch_dim == 0 else mask.t())
-
-
-def test_token_mask_like_refuses_a_mask_of_another_shape():
-    with pytest.raises(RaptRegError, match=r"noise_mask has shape \(2, 2\)"):
-        token_mask_like(torch.ones(2, 2, dtype=torch.bool), torch.zeros(2, 3, 4))
-
-
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("masked", [False, True])
 def test_hidden_rms_of_half_precision_is_float32(dtype, masked):
@@ -442,7 +428,6 @@ def test_masks_made_on_the_cpu_work_on_the_hidden_states_device():
         noise_mask=torch.tensor([[True, True, False], [True, False, True]]),
         segment_ids=torch.tensor([[0, 0, 1], [2, 2, 2]]),
     )
-    assert token_mask_like(masks["noise_mask"], hidden, 1).device == hidden.device
     assert hidden_rms(hidden, **masks).device == hidden.device
     assert hidden_rms(hidden, per_token=True, **masks).device == hidden.device
     for norm in ("inf", "l2", None):

@@ -16,7 +16,13 @@ from ..noise import scale_noise
 from ..regularizer import Output, PerturbationRegularizer, Step, check_int, check_number
 
 SMART_NORMS = ("inf", "l2")
-_STABLE_KL_EPS = 1e-6  # MT-DNN's stable_kl epsilon (fixed there too; not SMART's `epsilon`)
+_STABLE_KL_EPS = 1e-6
+REENTRANT = (
+    "SMART's ascent step needs the gradient with respect to its noise, which reentrant "
+    "gradient checkpointing cannot give (torch.utils.checkpoint(use_reentrant=True) allows no "
+    "torch.autograd.grad, and runs its region under no_grad). Use use_reentrant=False "
+    "(gradient_checkpointing_kwargs={'use_reentrant': False})"
+)  # MT-DNN's stable_kl epsilon (fixed there too; not SMART's `epsilon`)
 
 
 def _log_odds(p: torch.Tensor) -> torch.Tensor:
@@ -175,7 +181,7 @@ class SmartRegularizer(PerturbationRegularizer):
                 positions = noisy.shape[:-1].numel() if mask is None else mask.bool().sum()
                 leaf = noise.value
                 assert leaf is not None  # the pass was verified to have added it
-                (grad,) = torch.autograd.grad(mean * positions, leaf)
+                grad = self._ascent_gradient(mean * positions, leaf)
             if not bool(torch.isfinite(grad.norm())):
                 self._skipped += 1
                 return self._zero(step.clean)
@@ -210,6 +216,16 @@ class SmartRegularizer(PerturbationRegularizer):
             size = x.square().sum(dim=dims, keepdim=True).sqrt()
         return x / (size + self.epsilon)
 
+    @staticmethod
+    def _ascent_gradient(loss: torch.Tensor, leaf: torch.Tensor) -> torch.Tensor:
+        """``d loss / d leaf``, or a RaptRegError where reentrant checkpointing forbids it."""
+        try:
+            return torch.autograd.grad(loss, leaf)[0]
+        except RuntimeError as exc:
+            if "use_reentrant" not in str(exc):
+                raise
+            raise RaptRegError(REENTRANT) from exc
+
     def _perturb(self, noise: _Noise, *, ascent: bool) -> Callable[..., torch.Tensor]:
         """The noise of one pass: drawn at the first, then the current (projected) value."""
 
@@ -218,14 +234,8 @@ class SmartRegularizer(PerturbationRegularizer):
             # Called again with the same hidden states when a checkpointed first block is
             # recomputed in backward: it must return the same tensor (the same leaf, in an
             # ascent pass, so that the gradient reaches it).
-            if ascent and not torch.is_grad_enabled():
-                raise RaptRegError(
-                    "SMART's ascent step needs the gradient with respect to its noise, but the "
-                    "first block runs with gradients off: inside a reentrant checkpoint region "
-                    "(use_reentrant=True runs it under no_grad) or a no_grad forward. Use "
-                    "use_reentrant=False (gradient_checkpointing_kwargs={'use_reentrant': "
-                    "False}), or checkpoint only the blocks after the first"
-                )
+            if ascent and not torch.is_grad_enabled():  # inside a reentrant region
+                raise RaptRegError(REENTRANT)
             if noise.value is None:
                 noise.batch_dim = batch_dim
                 gen = self._noise_source(hidden.device, noise.seed)
