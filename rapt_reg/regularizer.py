@@ -134,7 +134,9 @@ class PerturbationRegularizer(abc.ABC):
         self.alpha = check_number("alpha", alpha)
         self.divergence = div.resolve(divergence)
         self.stacks = (
-            [resolve_blocks(model, blocks)] if blocks else find_block_stacks(model, prefer=prefer)
+            [resolve_blocks(model, blocks)]
+            if blocks is not None
+            else find_block_stacks(model, prefer=prefer)
         )
         if batch_dim is not None:
             check_int("batch_dim", batch_dim)

@@ -19,6 +19,7 @@ import pytest
 import torch
 from models import TinyTransformer
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 import rapt_reg
 from rapt_reg import (
@@ -32,7 +33,9 @@ CORE = [
     "regularizer.py",
     "hooks.py",
     "discovery.py",
-    "baselines.py",
+    "head.py",
+    "baselines/smart.py",
+    "baselines/r3f.py",
     "divergence.py",
     "replay.py",
     "noise.py",
@@ -88,7 +91,7 @@ def _tracer(frame: Any, event: str, arg: Any) -> Any:
 
     def local(frame: Any, event: str, arg: Any) -> Any:
         if event == "line":
-            HIT.add((Path(frame.f_code.co_filename).name, frame.f_lineno))
+            HIT.add((str(Path(frame.f_code.co_filename).relative_to(_PACKAGE)), frame.f_lineno))
         return local
 
     return local
@@ -114,39 +117,6 @@ class TwoStacks(nn.Module):
         return self.a(ids) + self.b(ids)
 
 
-class SharedBlocks(nn.Module):
-    """ALBERT's shape: one block module run for every layer, each call checkpointed."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        from types import SimpleNamespace
-
-        from models import Block
-
-        self.config = SimpleNamespace(num_hidden_layers=3)
-        self.embed = nn.Embedding(50, 8)
-        self.layers = nn.ModuleList([Block(8, 2)])
-        self.head = nn.Linear(8, 3)
-
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        from torch.utils.checkpoint import checkpoint
-
-        h = self.embed(ids)
-        for _ in range(3):
-            h = checkpoint(self.layers[0], h, use_reentrant=False)
-        return self.head(h.mean(1))
-
-
-class Quantize(nn.Module):
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x.long()
-
-
-def _int_embedding_model() -> nn.Module:
-    """An 'embedding' module that returns integers (for R3F's check)."""
-    return nn.Sequential(Quantize(), nn.Embedding(5, 4), nn.Flatten(), nn.Linear(8, 3))
-
-
 def _removed(reg: Any) -> Any:
     reg.remove()
     return reg
@@ -157,9 +127,89 @@ def _smart_batch_changes(reg: Any, model: nn.Module) -> Any:
     return reg(lambda: model(next(batches)), model(IDS))
 
 
-def _checkpointed_shared_step(reg: Any, model: nn.Module) -> None:
+class Reseeding(nn.Module):
+    """A forward that re-seeds the global RNG before every block: its hook calls' states repeat."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = _model()
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        h = self.inner.embed(ids)
+        for block in self.inner.layers:
+            torch.manual_seed(0)
+            h = block(h)
+        return self.inner.head(h.mean(1))
+
+
+class Checkpointed(nn.Module):
+    """Blocks inside nested reentrant checkpoints (``nested``), or a region whose
+    recomputation runs the blocks in another order than its forward (``shuffled``)."""
+
+    def __init__(self, kind: str) -> None:
+        super().__init__()
+        self.inner, self.kind, self.runs = _model(), kind, [0]  # a list: the same object
+
+    def _blocks(self, h: torch.Tensor) -> torch.Tensor:
+        layers = list(self.inner.layers)
+        if self.kind == "nested":
+            for block in layers:
+                h = checkpoint(block, h, use_reentrant=True)
+            return h
+        self.runs[0] += 1
+        for block in layers if self.runs[0] % 2 else layers[::-1]:
+            h = block(h)
+        return h
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        h = self.inner.embed(ids) + self.inner.pos[:, : ids.shape[1]]
+        h = checkpoint(self._blocks, h, use_reentrant=self.kind == "nested")
+        return self.inner.head(h.mean(1))
+
+
+class Wrapped(nn.Module):
+    """A block whose forward checkpoints (reentrant) its inner block, hooks left outside (as
+    transformers' layers do)."""
+
+    def __init__(self, block: nn.Module) -> None:
+        super().__init__()
+        self.block = block
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return checkpoint(self.block, h, use_reentrant=True)
+
+
+def _wrapped_blocks() -> nn.Module:
+    model = _model()
+    model.layers = nn.ModuleList(Wrapped(block) for block in model.layers)
+    return model
+
+
+def _backward_step(reg: Any, model: nn.Module) -> None:
     clean, penalty = reg.pair(lambda: model(IDS))
     (clean.sum() + penalty).backward()
+
+
+def _same_seed_alive(reg: Any, model: nn.Module) -> None:
+    twin = RandomPerturbationRegularizer(model, generator=torch.Generator().manual_seed(0))
+    first = _pair(reg, model)
+    try:
+        twin.pair(lambda: model(IDS))
+    finally:
+        twin.remove()
+        del first
+
+
+class OneDimensionalHead(nn.Module):
+    """A model whose output layer is applied to one vector: no positions to take."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = _model()
+        self.out = nn.Linear(3, 4)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.out(self.inner(ids)[0])
 
 
 class NoTensorBlock(nn.Module):
@@ -238,7 +288,6 @@ CONSTRUCTOR_CASES: dict[str, tuple[Callable[[], nn.Module], Callable[[nn.Module]
     "eta infinite": (_model, _construct(RAPT, eta=float("inf"))),
     "max_layer negative": (_model, _construct(RAPT, max_layer=-1)),
     "min_layer above max_layer": (_model, _construct(RAPT, min_layer=3, max_layer=2)),
-    "max_layer beyond the blocks": (_model, _construct(RAPT, max_layer=8)),
     "norm unknown": (_model, _construct(RAPT, norm="l1")),
     "batch_dim negative": (_model, _construct(RAPT, batch_dim=-1)),
     "no blocks": (lambda: nn.Sequential(nn.Linear(2, 2)), _construct(RAPT)),
@@ -253,14 +302,14 @@ CONSTRUCTOR_CASES: dict[str, tuple[Callable[[], nn.Module], Callable[[nn.Module]
     "smart k negative": (_model, _construct(SmartRegularizer, k=-1)),
     "smart norm unknown": (_model, _construct(SmartRegularizer, norm="l1")),
     "r3f noise unknown": (_model, _construct(R3FRegularizer, noise="laplace")),
-    "r3f embeddings missing": (_model, _construct(R3FRegularizer, embeddings="emb")),
-    "r3f embeddings foreign": (_model, _construct(R3FRegularizer, embeddings=nn.Embedding(2, 2))),
-    "r3f embeddings empty": (_model, _construct(R3FRegularizer, embeddings=[])),
+    "head not a linear layer": (_model, _construct(RAPT, head="layers")),
+    "head auto without output embeddings": (_model, _construct(RAPT, head="auto")),
+    "head path missing": (_model, _construct(RAPT, head="lm_head")),
     "find_transformer_blocks ambiguous": (
         TwoStacks,
         lambda m: rapt_reg.find_transformer_blocks(m),
     ),
-    "r3f embeddings ambiguous": (
+    "r3f without blocks": (
         lambda: nn.Sequential(nn.Embedding(3, 2), nn.Embedding(3, 2)),
         _construct(R3FRegularizer),
     ),
@@ -360,7 +409,58 @@ CALL_CASES: dict[str, tuple[Callable[[], nn.Module], Callable[[nn.Module], Calla
     ),
     "eta_scale unknown": (_model, _call(RAPT, lambda r, m: RAPT(m, eta_scale="max"))),
     "not a state dict": (_model, _call(RAPT, lambda r, m: r.load_state_dict({"rng": 1}))),
-    "perturb stack of r3f": (_model, _call(R3FRegularizer, lambda r, m: r.stack)),
+    "max_layer beyond the calls that ran": (
+        _model,
+        _call(functools.partial(RAPT, max_layer=8), _pair),
+    ),
+    "same seed, both graphs alive": (
+        _model,
+        _call(lambda m: RAPT(m, generator=torch.Generator().manual_seed(0)), _same_seed_alive),
+    ),
+    "forward re-seeds the global RNG": (
+        Reseeding,
+        _call(functools.partial(RAPT, min_layer=1, max_layer=1), _pair),
+    ),
+    "nested reentrant checkpoints": (
+        lambda: Checkpointed("nested"),
+        _call(functools.partial(RAPT, min_layer=1, max_layer=1), _backward_step),
+    ),
+    "recomputation runs another order": (
+        lambda: Checkpointed("shuffled"),
+        _call(functools.partial(RAPT, min_layer=1, max_layer=1), _backward_step),
+    ),
+    "head given no positions": (
+        OneDimensionalHead,
+        _call(functools.partial(RAPT, head="out", blocks="inner.layers"), _pair),
+    ),
+    "smart inside a reentrant region": (
+        lambda: Checkpointed("nested"),
+        _call(functools.partial(SmartRegularizer, k=1), _pair),
+    ),
+    "smart with reentrant checkpoints inside its blocks": (
+        _wrapped_blocks,
+        _call(functools.partial(SmartRegularizer, k=1), _pair),
+    ),
+    "head of another width": (
+        _model,
+        _call(
+            RAPT,
+            lambda r, m: rapt_reg.divergence.reduce_divergence(
+                rapt_reg.divergence.sym_kl,
+                torch.zeros(2, 3),
+                torch.zeros(2, 3),
+                head=rapt_reg.divergence.Head(torch.zeros(5, 4)),
+                clean_is_hidden=True,
+            ),
+        ),
+    ),
+    "head outputs of other shapes": (
+        _model,
+        _call(
+            functools.partial(RAPT, head="head"),
+            lambda r, m: r(lambda: m(IDS), torch.zeros(2, 7, requires_grad=True)),
+        ),
+    ),
     "smart ascent without grad": (
         _model,
         _call(
@@ -391,17 +491,6 @@ CALL_CASES: dict[str, tuple[Callable[[], nn.Module], Callable[[nn.Module], Calla
         _model,
         _call(R3FRegularizer, lambda r, m: r(lambda: m.head(torch.ones(2, 8)), m(IDS))),
     ),
-    "r3f embedding output not float": (
-        _int_embedding_model,
-        _call(
-            functools.partial(R3FRegularizer, embeddings="0"),
-            lambda r, m: r(lambda: m(torch.ones(2, 2)), m(torch.ones(2, 2))),
-        ),
-    ),
-    "checkpointed shared blocks": (
-        SharedBlocks,
-        _call(functools.partial(RAPT, min_layer=0, max_layer=0), _checkpointed_shared_step),
-    ),
 }
 
 
@@ -425,7 +514,7 @@ def test_a_refused_constructor_leaves_the_model_as_it_was(case: str) -> None:
     assert torch.equal(torch.get_rng_state(), rng)  # a refused constructor draws nothing
 
 
-@pytest.mark.promise("refusals-leave-model", "shared-blocks-checkpoint-refused")
+@pytest.mark.promise("refusals-leave-model")
 @pytest.mark.parametrize("case", CALL_CASES, ids=list(CALL_CASES))
 def test_a_refused_call_leaves_the_model_as_it_was(case: str) -> None:
     make_model, setup = CALL_CASES[case]
@@ -452,10 +541,14 @@ HOOK_MESSAGES = {
         "a tuple/list starting with one, or a mapping whose first value is one). Pass blocks= "
         "naming modules that return their hidden states."
     ),
-    "checkpointed shared blocks": (
-        "a checkpointed region holding RAPT's noise is being recomputed, but this stack runs one "
-        "module for several layers (ALBERT-style shared blocks), so the layer cannot be told "
-        "apart: turn gradient checkpointing off for this model"
+    "nested reentrant checkpoints": (
+        "a checkpointed region holding a noisy pass was recomputed twice in one backward "
+        "(nested reentrant checkpoints): use use_reentrant=False, or checkpoint one level"
+    ),
+    "recomputation runs another order": (
+        "a recomputed region ran Block's pre-hook where the noisy pass ran Block's pre-hook: "
+        "the forward is not deterministic, so the noise cannot be replayed. Turn gradient "
+        "checkpointing off"
     ),
 }
 
@@ -476,14 +569,20 @@ def _raise_lines(path: Path) -> set[tuple[str, int]]:
             func = node.exc.func
             name = func.id if isinstance(func, ast.Name) else getattr(func, "attr", "")
             if name in ERRORS:
-                lines.add((path.name, node.lineno))
+                lines.add((str(path.relative_to(_PACKAGE)), node.lineno))
     return lines
 
 
 # Raises no CPU-only test can reach, each with its reason.
+def _raise_before(name: str, text: str) -> tuple[str, int]:
+    """The raise whose message starts on the line after it and contains ``text``."""
+    lines = (_PACKAGE / name).read_text().splitlines()
+    return name, next(i for i, line in enumerate(lines, 1) if text in line) - 1
+
+
 UNREACHABLE = {
     # parameters on two accelerator types (e.g. CUDA and XPU) at once: needs both devices
-    ("replay.py", next(n for f, n in _raise_lines(_PACKAGE / "replay.py"))),
+    _raise_before("replay.py", "the model's parameters are on several accelerator types"),
 }
 
 

@@ -140,8 +140,9 @@ def test_smart_leaves_padding_alone() -> None:
 def test_r3f_leaves_padding_alone() -> None:
     model, x, _ = _setup("batch_first")
     reg = R3FRegularizer(model, eps=0.1, generator=torch.Generator().manual_seed(0))
-    seen: list[torch.Tensor] = []
-    handle = model.embed.register_forward_hook(lambda m, a, out: seen.append(out.detach()))
+    seen: list[torch.Tensor] = []  # the first block's input: the embedding output, perturbed
+    first = model.layers[0]
+    handle = first.register_forward_pre_hook(lambda m, args: seen.append(args[0].detach()))
     reg.pair(lambda: model(x), noise_mask=MASK, segment_ids=SEGMENTS)
     handle.remove()
     delta = seen[1] - seen[0]

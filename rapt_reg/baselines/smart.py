@@ -168,6 +168,11 @@ class SmartRegularizer(PerturbationRegularizer):
         for _ in range(self.k):
             with torch.enable_grad():
                 noisy = self._noisy_pass(noisy_forward, 0, self._perturb(noise, ascent=True))
+                if not noisy.requires_grad:
+                    raise RaptRegError(
+                        "the noisy output does not depend on the noise (no gradient): does "
+                        "noisy_forward run the model under torch.no_grad() or detach its output?"
+                    )
                 # MT-DNN sums the ascent loss over examples (reduce=False); the core's reduction
                 # (masked positions left out, float32) averages, so scale back to a sum.
                 mean = div.reduce_divergence(
