@@ -15,38 +15,37 @@ from typing import Optional, Union
 import torch
 from torch import nn
 
-from .discovery import _submodule, unwrap_model
+from .discovery import unwrap_model
+from .divergence import Head
 from .errors import RaptRegError
 from .hooks import input_key, with_input
 
+HeadSpec = Union[None, str, nn.Module]
+
 
 def find_head(
-    model: nn.Module, head: Union[None, str, nn.Module]
-) -> tuple[Optional[nn.Module], float, Optional[float]]:
-    """The output layer ``head=`` names, with the scale and soft-cap the model applies after it.
+    model: nn.Module, head: HeadSpec
+) -> Optional[tuple[nn.Module, float, Optional[float]]]:
+    """``(module, scale, softcap)`` of the output layer ``head=`` names (None for None).
 
     ``"auto"`` is the model's ``get_output_embeddings()``; a string is a dotted path; a module
-    must be one of the model's. The head must hold a weight ``[vocab, hidden]`` (and maybe a
-    bias) applied as ``h @ weight.T + bias``; a transformers config's
-    ``final_logit_softcapping`` (Gemma 2), ``logit_scale`` (Cohere) and ``logits_scaling``
-    (Granite) are followed.
-
-    Returns:
-        ``(module, scale, softcap)``; ``(None, 1.0, None)`` for ``head=None``.
+    must be one of the model's. Its weight ``[vocab, hidden]`` (and bias) make the logits; a
+    transformers config's ``logit_scale`` (Cohere), ``logits_scaling`` (Granite, a divisor)
+    and ``final_logit_softcapping`` (Gemma 2) are applied after it, as those models do.
 
     Raises:
         RaptRegError: if there is no such module, or it is not a linear layer.
     """
     if head is None:
-        return None, 1.0, None
+        return None
     root = unwrap_model(model)
+    module: object = None
     if head == "auto":
-        get = getattr(root, "get_output_embeddings", None)
-        module = get() if callable(get) else None
+        module = getattr(root, "get_output_embeddings", lambda: None)()
     elif isinstance(head, str):
-        module = _submodule(root, head)
-    else:
-        module = head if any(m is head for m in root.modules()) else None
+        module = next((m for n, m in root.named_modules() if n == head), None)
+    elif any(m is head for m in root.modules()):
+        module = head
     weight = getattr(module, "weight", None)
     if (
         not isinstance(module, nn.Module)
@@ -59,36 +58,41 @@ def find_head(
             "head=None to compare the logits the forward returns"
         )
     config = getattr(root, "config", None)
-    get_text = getattr(config, "get_text_config", None)
-    config = get_text(decoder=True) if callable(get_text) else config
+    get_text_config = getattr(config, "get_text_config", None)
+    config = get_text_config(decoder=True) if get_text_config else config
     scale = (getattr(config, "logit_scale", None) or 1.0) / (
         getattr(config, "logits_scaling", None) or 1.0
     )
-    softcap = getattr(config, "final_logit_softcapping", None) or None
-    return module, float(scale), softcap
+    return module, float(scale), getattr(config, "final_logit_softcapping", None) or None
 
 
 class HeadHook:
-    """A pre-forward hook on the output layer: it hands over the layer's input while capturing.
+    """A pre-forward hook on the output layer that hands over its input while capturing.
 
-    In a clean pass the head runs as usual; in a noisy pass it is handed zero positions, so the
-    noisy pass builds no logits: the penalty makes them chunk by chunk from the captured input
-    (:class:`rapt_reg.divergence.Head`). Only the head's first call of a pass is captured.
+    In a clean pass the head runs as usual; in a noisy pass it is handed zero positions, so no
+    logits are built. Only the head's first call in a pass is captured.
     """
 
-    def __init__(self, module: nn.Module) -> None:
+    def __init__(self, module: nn.Module, scale: float, softcap: Optional[float]) -> None:
+        self.module, self._scale, self._softcap = module, scale, softcap
         self._mode: Optional[str] = None
         self._captured: list[torch.Tensor] = []
         self._handle = module.register_forward_pre_hook(self._pre, with_kwargs=True)
 
     @contextlib.contextmanager
     def capture(self, mode: str) -> Iterator[list[torch.Tensor]]:
-        """Capture the head's input during the block (``mode``: "clean" or "noisy")."""
+        """The head's input during the block (``mode``: "clean" or "noisy")."""
         self._mode, self._captured = mode, []
         try:
             yield self._captured
         finally:
             self._mode = None
+
+    def weights(self) -> Head:
+        """The head as it is now (a sharded DTensor gathered, differentiably)."""
+        weight, bias = (getattr(self.module, name, None) for name in ("weight", "bias"))
+        weight, bias = (getattr(t, "full_tensor", lambda t=t: t)() for t in (weight, bias))
+        return Head(weight, bias, self._scale, self._softcap)  # type: ignore[arg-type]
 
     def remove(self) -> None:
         self._handle.remove()
@@ -104,6 +108,4 @@ class HeadHook:
                 "hidden] states, so the penalty cannot be made from its input: pass head=None"
             )
         self._captured.append(hidden)
-        if self._mode == "noisy":
-            return with_input(args, kwargs, key, hidden[..., :0, :])
-        return None
+        return with_input(args, kwargs, key, hidden[..., :0, :]) if self._mode == "noisy" else None

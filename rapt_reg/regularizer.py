@@ -18,16 +18,14 @@ from . import divergence as div
 from . import replay
 from .discovery import BlocksSpec, BlockStack, ambiguity_error, find_block_stacks, resolve_blocks
 from .errors import RaptRegError
-from .head import HeadHook, find_head
+from .head import HeadHook, HeadSpec, find_head
 from .hooks import NoisyPass, Perturb, StackHooks
 from .noise import ETA_SCALES, NORMS, check_token_masks, hidden_rms, sample_noise
 
 Output = Any
 """A model output: a logits tensor ``[..., C]`` or an object with a ``.logits`` tensor."""
 Divergence = Union[str, Callable[..., torch.Tensor]]
-Head = Union[None, str, nn.Module]
 Masks = Optional[torch.Tensor]
-
 NONFINITE_POLICIES = ("raise", "skip")
 CHECK_EVERY = 100
 """Deferred checks (non-finite, exactly-zero penalty) are read at most this many calls apart."""
@@ -55,9 +53,8 @@ def check_number(name: str, value: float, *, allow_zero: bool = True) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise RaptRegError(f"{name} must be a number, got {value!r}")
     if not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
-        raise RaptRegError(
-            f"{name} must be finite and {'>=' if allow_zero else '>'} 0, got {value!r}"
-        )
+        bound = ">=" if allow_zero else ">"
+        raise RaptRegError(f"{name} must be finite and {bound} 0, got {value!r}")
     return float(value)
 
 
@@ -91,12 +88,9 @@ class Step:
 class PerturbationRegularizer(abc.ABC):
     """The call shape RAPT, SMART and R3F share, and everything but their noise.
 
-    ``reg(noisy_forward, clean_output, mask=None)`` runs the noisy pass(es) and returns
-    ``alpha * divergence(noisy, clean)``; ``reg.pair(forward)`` runs the clean pass, then
-    exactly that; ``remove()`` (or leaving a ``with`` block) takes the hooks away; in eval mode
-    the penalty is 0 (said once). Every method adds its noise through the same hooks and the
-    same checkpoint replay; a subclass says only what noise goes where (:meth:`_step`).
-    Arguments are those of :class:`RandomPerturbationRegularizer`.
+    Every method adds its noise through the same hooks and checkpoint replay; a subclass says
+    only what noise goes where (:meth:`_step`). Arguments are those of
+    :class:`RandomPerturbationRegularizer`.
     """
 
     _stats_prefix = "rapt"
@@ -113,7 +107,7 @@ class PerturbationRegularizer(abc.ABC):
         blocks: BlocksSpec = None,
         prefer: Optional[str] = "encoder",
         batch_dim: Optional[int] = None,
-        head: Head = None,
+        head: HeadSpec = None,
     ) -> None:
         if isinstance(model, type) or not isinstance(model, nn.Module):
             fix = ": instantiate it first" if isinstance(model, type) else ""
@@ -131,17 +125,15 @@ class PerturbationRegularizer(abc.ABC):
         ):
             raise RaptRegError("generator must be a CPU torch.Generator (noise is seeded from it)")
         self.model, self.nonfinite = model, nonfinite
-        self.alpha = check_number("alpha", alpha)
-        self.divergence = div.resolve(divergence)
-        self.stacks = (
-            [resolve_blocks(model, blocks)]
-            if blocks is not None
-            else find_block_stacks(model, prefer=prefer)
-        )
+        self.alpha, self.divergence = check_number("alpha", alpha), div.resolve(divergence)
+        if blocks is not None:
+            self.stacks = [resolve_blocks(model, blocks)]
+        else:
+            self.stacks = find_block_stacks(model, prefer=prefer)
         if batch_dim is not None:
             check_int("batch_dim", batch_dim)
             self.stacks = [s.with_batch_dim(batch_dim) for s in self.stacks]
-        self.head, self._head_scale, self._head_softcap = find_head(model, head)
+        found = find_head(model, head)
         # Every check passed: one draw seeds this regularizer's RNG (no step draws from torch's).
         self._rng = random.Random(int(torch.randint(0, 2**62, (), generator=generator)))
         self._noise_generators: dict[torch.device, torch.Generator] = {}
@@ -151,7 +143,8 @@ class PerturbationRegularizer(abc.ABC):
         self._hooks = StackHooks(
             [s.blocks for s in self.stacks], [s.batch_dim for s in self.stacks]
         )
-        self._head_hook = None if self.head is None else HeadHook(self.head)
+        self._head = None if found is None else HeadHook(*found)
+        self.head = None if found is None else found[0]
 
     @abc.abstractmethod
     def _step(self, noisy_forward: Callable[[], Output], step: Step) -> torch.Tensor:
@@ -169,20 +162,18 @@ class PerturbationRegularizer(abc.ABC):
         """Run the noisy pass on the batch that gave ``clean_output``; return the penalty.
 
         Args:
-            noisy_forward: Zero-argument callable running the model on that batch
-                (``lambda: model(**batch)``).
+            noisy_forward: Zero-argument callable running the model on that batch.
             clean_output: The clean forward's output (a tensor, or has ``.logits``).
-            mask: Optional ``[...]`` over the logits' leading dims: positions where it is
-                false (padding) do not count.
-            noise_mask: Optional bool ``[batch, seq]``, True on real tokens
-                (``attention_mask.bool()``): padding gets no noise, and each example's norm
-                is over its real tokens, so its noise does not depend on the padding.
+            mask: Optional ``[...]`` over the logits' leading dims; false positions do not
+                count.
+            noise_mask: Optional bool ``[batch, seq]``, True on real tokens: padding gets no
+                noise, and each example's norm is over its real tokens.
             segment_ids: Optional integer ``[batch, seq]``: each (row, segment) pair of a
                 packed row is scaled as one example.
 
         Returns:
             ``alpha * divergence(noisy, clean)``, a scalar to add to the task loss; 0 (and
-            ``noisy_forward`` not run) in eval mode.
+            ``noisy_forward`` not run) in eval mode, said once.
 
         Raises:
             RaptRegError: if the noise did not reach the model or the outputs do not match.
@@ -205,9 +196,9 @@ class PerturbationRegularizer(abc.ABC):
         """``(clean_output, penalty)``: exactly ``clean = forward(); reg(forward, clean, ...)``.
 
         The same buffers (BatchNorm statistics), auxiliary outputs (MoE router logits),
-        collectives (DDP, FSDP) and gradients as the two calls. With ``head=``, the clean side
-        is the head's input captured during this clean pass: no logits need exist (a fused
-        loss), and none are kept alive for the penalty. Arguments as for ``__call__``.
+        collectives (DDP, FSDP) and gradients as those two calls. With ``head=``, the clean
+        side is the head's input captured in this clean pass: no logits need exist (a fused
+        loss), and none are kept alive for the penalty.
         """
         self._check_callable(forward, "forward")
         check_token_masks(noise_mask, segment_ids)  # refused before any forward runs
@@ -226,13 +217,13 @@ class PerturbationRegularizer(abc.ABC):
         return self._skipped
 
     def stats(self) -> dict[str, float]:
-        """Noise-to-hidden norm ratio of the last pass, and skipped steps (a host sync, where
-        deferred checks raise, see ``nonfinite``)."""
-        ratio = math.nan if self._last_noise_ratio is None else float(self._last_noise_ratio)
-        skipped = float(self.skipped_steps)
+        """The last noise-to-hidden norm ratio and the skipped steps (a host sync; deferred
+        checks raise here, see ``nonfinite``)."""
+        ratio = self.last_noise_to_hidden_ratio
+        prefix = self._stats_prefix
         return {
-            f"{self._stats_prefix}/noise_to_hidden_ratio": ratio,
-            f"{self._stats_prefix}/skipped_steps": skipped,
+            f"{prefix}/noise_to_hidden_ratio": math.nan if ratio is None else ratio,
+            f"{prefix}/skipped_steps": float(self.skipped_steps),
         }
 
     @property
@@ -246,20 +237,20 @@ class PerturbationRegularizer(abc.ABC):
         return {"format": 1, "rng": self._rng.getstate(), "skipped_steps": self.skipped_steps}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore what :meth:`state_dict` returned."""
+        """Restore what :meth:`state_dict` returned (through JSON too)."""
         if not isinstance(state, dict) or state.get("format") != 1:
             raise RaptRegError(
                 "not a rapt_reg state dict (expected the dict returned by reg.state_dict())"
             )
-        version, internal, gauss = state["rng"]  # lists, if it went through JSON
+        version, internal, gauss = state["rng"]
         self._rng.setstate((version, tuple(internal), gauss))
         self._skipped, self._pending = int(state["skipped_steps"]), []
 
     def remove(self) -> None:
         """Remove every hook; the model is exactly as before. Safe to call twice."""
         self._hooks.remove()
-        if self._head_hook is not None:
-            self._head_hook.remove()
+        if self._head is not None:
+            self._head.remove()
         self._last_noise_ratio = None
 
     def __enter__(self: _Reg) -> _Reg:
@@ -293,11 +284,8 @@ class PerturbationRegularizer(abc.ABC):
         """
         frame = replay.Frame(self._hooks, self._rng.getrandbits(62), self.model)
         p = NoisyPass(layer=layer, perturb=perturb, frame=frame)
-        with (
-            replay.stream(frame, self._devices()),
-            self._hooks.armed(p),
-            self._capture("noisy") as captured,
-        ):
+        stream = replay.stream(frame, self._devices())
+        with stream, self._hooks.armed(p), self._capture("noisy") as captured:
             p.output = forward()
         self._settle_stack(p, max_layer)
         self._last_noise_ratio = p.noise_ratio
@@ -305,13 +293,13 @@ class PerturbationRegularizer(abc.ABC):
 
     def _capture(self, mode: str) -> contextlib.AbstractContextManager[list[torch.Tensor]]:
         """With ``head=``, the head's input during the block (noisy: no logits are made)."""
-        return self._head_hook.capture(mode) if self._head_hook else contextlib.nullcontext([])
+        return self._head.capture(mode) if self._head else contextlib.nullcontext([])
 
     def _settle_stack(self, p: NoisyPass, max_layer: int) -> None:
         """Refuse a pass the noise missed, or a model where two stacks ran; keep the stack that
         ran, with its observed calls and batch dim (named once, in the log)."""
-        where = ", ".join(repr(s.path or ",".join(s.names)) for s in self.stacks)
         if p.calls == 0:
+            where = ", ".join(repr(s.path or ",".join(s.names)) for s in self.stacks)
             raise RaptRegError(
                 f"the noise did not reach the model: no block of {where} ran during the noisy "
                 "pass. Likely causes: (1) the model was compiled with torch.compile and run "
@@ -334,9 +322,7 @@ class PerturbationRegularizer(abc.ABC):
             self._hooks.keep_only(p.stack or 0)
         self.stacks = [stack.with_calls(p.calls, self._hooks.batch_dim(0))]
         if stack.calls_per_forward != p.calls:
-            logger.info(
-                "rapt-reg perturbs %r: %d block calls per forward", self.stack_path, p.calls
-            )
+            logger.info("rapt-reg perturbs %r: %d block calls a forward", self.stack_path, p.calls)
 
     def _training(self) -> bool:
         return any(b.training for s in self.stacks for b in s.blocks)
@@ -353,12 +339,12 @@ class PerturbationRegularizer(abc.ABC):
 
     def _eval_penalty(self, clean: torch.Tensor) -> torch.Tensor:
         if not self._warned_eval:
+            self._warned_eval = True
             warnings.warn(
                 f"the model is in eval mode: {type(self).__name__} adds noise only in training "
                 "mode, so the penalty is 0 (call model.train() to regularize). This is said once.",
                 stacklevel=3,
             )
-            self._warned_eval = True
         return self._zero(clean)
 
     @staticmethod
@@ -371,35 +357,31 @@ class PerturbationRegularizer(abc.ABC):
             self._noise_generators[device] = torch.Generator(device=device)
         return self._noise_generators[device].manual_seed(seed)
 
-    def _head_weights(self) -> Optional[div.Head]:
-        """The head as it is now (a sharded DTensor gathered, differentiably)."""
-        if self.head is None:
-            return None
-        weight, bias = (getattr(self.head, name, None) for name in ("weight", "bias"))
-        weight, bias = (getattr(t, "full_tensor", lambda t=t: t)() for t in (weight, bias))
-        return div.Head(weight, bias, self._head_scale, self._head_softcap)  # type: ignore[arg-type]
+    def _divergence(
+        self, fn: Callable[..., torch.Tensor], noisy: torch.Tensor, clean: torch.Tensor, step: Step
+    ) -> torch.Tensor:
+        """``fn`` between the outputs, averaged over the positions ``step.mask`` keeps."""
+        head = self._head.weights() if self._head else None
+        hidden = step.clean_is_hidden
+        return div.reduce_divergence(fn, noisy, clean, step.mask, head=head, clean_is_hidden=hidden)
 
     def _penalty(self, noisy: torch.Tensor, step: Step) -> torch.Tensor:
         """``alpha * divergence``, a non-finite value replaced by 0 and its gradient stopped on
         the device; counted, and with ``nonfinite="raise"`` raised at the next check."""
-        head, clean, mask = self._head_weights(), step.clean, step.mask
-        div.check_outputs(noisy, clean, head, step.clean_is_hidden)
-        if torch.is_grad_enabled() and not (noisy.requires_grad or clean.requires_grad):
+        if len(self._pending) >= CHECK_EVERY:
+            self._read_checks()
+        gate = _Gate()
+        noisy, clean = replay.carry(noisy, gate), replay.carry(step.clean, gate)
+        value = self._divergence(self.divergence, noisy, clean, step)
+        if torch.is_grad_enabled() and not value.requires_grad:
             raise RaptRegError(
                 "neither output requires grad, so the penalty cannot train anything: are the "
                 "parameters frozen, or was the clean pass run under torch.no_grad()? "
                 "(To only log the penalty, call the regularizer under torch.no_grad().)"
             )
-        if len(self._pending) >= CHECK_EVERY:
-            self._read_checks()
-        gate = _Gate()
-        noisy, clean = replay.carry(noisy, gate), replay.carry(clean, gate)
-        value = div.reduce_divergence(
-            self.divergence, noisy, clean, mask, head=head, clean_is_hidden=step.clean_is_hidden
-        )
         gate.open = finite = torch.isfinite(value).detach()
         zero = (value == 0).detach() if noisy.numel() else torch.zeros_like(finite)
-        self._pending.append((finite, zero if mask is None else zero & mask.any()))
+        self._pending.append((finite, zero if step.mask is None else zero & step.mask.any()))
         return self.alpha * torch.where(finite, value, torch.zeros_like(value))
 
     def _read_checks(self) -> None:
@@ -431,18 +413,18 @@ class RandomPerturbationRegularizer(PerturbationRegularizer):
     embedding output entering the first block call; layer ``r``: the output of the r-th call),
     adds ``delta = eta * d / ||d||_inf``, ``d ~ N(0, sigma^2 I)`` per example, to the hidden
     states there during one noisy pass, and returns ``alpha * divergence(f(x + delta_r),
-    f(x))`` (Eq. 2). The blocks are found by :func:`rapt_reg.find_transformer_blocks`; hooks
-    are installed once, after every check, idle outside a call; nothing is added to the model.
+    f(x))`` (Eq. 2). Hooks go on the blocks (found by
+    :func:`rapt_reg.find_transformer_blocks`) once, after every check; nothing else changes.
 
     Args:
         model: The model (DDP, FSDP, ``torch.compile`` and PEFT wrappers are seen through;
-            ``nn.DataParallel`` is refused). Build the regularizer *before* ``torch.compile``
-            first runs the model.
+            ``nn.DataParallel`` is refused). Build the regularizer before ``torch.compile``
+            first runs it.
         eta: Every example's noise has this inf-norm (the paper's eta).
-        max_layer: Highest layer (the paper's max_layer, 3 there). Refused at the first call
-            if the forward makes fewer block calls.
-        min_layer: Lowest layer (1 in the paper). ``min_layer=max_layer=0`` is the paper's
-            "RAPT (Embedding)".
+        max_layer: Highest layer (the paper's; 3 there); refused at the first call if the
+            forward makes fewer block calls.
+        min_layer: Lowest layer (1 in the paper); ``min_layer=max_layer=0`` is "RAPT
+            (Embedding)".
         alpha: Weight of the penalty (the paper's alpha).
         sigma: Standard deviation of the raw Gaussian; it cancels under ``norm``.
         norm: ``"inf"`` (the paper), ``"l2"``, or ``None`` for raw ``N(0, sigma^2 I)`` noise.
@@ -450,21 +432,20 @@ class RandomPerturbationRegularizer(PerturbationRegularizer):
             callable ``(noisy_logits, clean_logits) -> per-position values``.
         blocks: Override discovery: a dotted path or a list of modules/paths.
         generator: A CPU ``torch.Generator`` seeding this regularizer's RNG once (None: one
-            draw of the global RNG). No step draws from the global RNG.
+            draw of the global RNG); no step draws from the global RNG.
         per_token: Scale each position's noise to ``eta`` instead of each example's.
         prefer: Part of a dotted path that wins when the model has several stacks.
-        nonfinite: A NaN/inf penalty becomes 0 and reaches no weight, decided on the device;
+        nonfinite: A NaN/inf penalty becomes 0 and reaches no weight (decided on the device);
             ``"raise"`` then raises at the next check (:meth:`stats`, or within
-            ``CHECK_EVERY`` calls), ``"skip"`` counts it in :meth:`stats`.
-        batch_dim: The dimension of the blocks' hidden states that indexes examples; None
-            detects it (a ``batch_first`` attribute, else a ``[batch, seq]`` mask argument
-            next to ``[seq, batch, C]`` states on the first forward, else 0).
+            ``CHECK_EVERY`` calls), ``"skip"`` counts it.
+        batch_dim: The hidden states' dimension that indexes examples; None detects it (a
+            ``batch_first`` attribute, else a ``[batch, seq]`` mask argument beside ``[seq,
+            batch, C]`` states on the first forward, else 0).
         eta_scale: ``"absolute"`` (the paper) or ``"hidden_rms"``: inf-norm ``eta * RMS(h)``
             of that example's hidden states (docs/noise-scale.md).
         head: The output layer, for a penalty that never builds the noisy pass's logits:
-            ``"auto"`` (``get_output_embeddings()``), a module or its path; None compares the
-            logits the forward returns. The noisy pass's head is then handed no positions, so
-            that forward must not compute a loss (see :mod:`rapt_reg.head`).
+            ``"auto"`` (``get_output_embeddings()``), a module or its path (:mod:`rapt_reg.head`);
+            the noisy pass's head is handed no positions, so that pass must compute no loss.
 
     Raises:
         ValueError: (a :class:`RaptRegError`) for bad arguments or when no blocks are found;
@@ -502,7 +483,7 @@ class RandomPerturbationRegularizer(PerturbationRegularizer):
         nonfinite: str = "raise",
         batch_dim: Optional[int] = None,
         eta_scale: str = "absolute",
-        head: Head = None,
+        head: HeadSpec = None,
     ) -> None:
         self.eta, self.sigma = check_number("eta", eta), check_number("sigma", sigma)
         self.max_layer, self.min_layer = (

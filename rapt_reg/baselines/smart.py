@@ -175,14 +175,7 @@ class SmartRegularizer(PerturbationRegularizer):
                     )
                 # MT-DNN sums the ascent loss over examples (reduce=False); the core's reduction
                 # (masked positions left out, float32) averages, so scale back to a sum.
-                mean = div.reduce_divergence(
-                    self.ascent_divergence,
-                    noisy,
-                    target,
-                    mask,
-                    head=self._head_weights(),
-                    clean_is_hidden=step.clean_is_hidden,
-                )
+                mean = self._divergence(self.ascent_divergence, noisy, target, step)
                 positions = noisy.shape[:-1].numel() if mask is None else mask.bool().sum()
                 leaf = noise.value
                 assert leaf is not None  # the pass was verified to have added it
