@@ -124,30 +124,24 @@ class Runner:
 class Zero3Runner(Runner):
     """A :class:`Runner` whose model is a DeepSpeed ZeRO-3 engine on this one device."""
 
-    def __init__(
-        self,
-        method: str,
-        base: torch.nn.Module,
-        batch: dict[str, torch.Tensor],
-        device: torch.device,
-        precision: str,
-    ) -> None:
+    def __init__(self, *args: Any) -> None:
+        """Takes :class:`Runner`'s arguments."""
         import deepspeed
 
+        super().__init__(*args)
         # One process of its own group (a launcher would have set these).
         for name, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1"}.items():
             os.environ.setdefault(name, value)
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", "29511")
-        deepspeed.init_distributed(dist_backend="gloo" if device.type == "cpu" else None)
-        super().__init__(method, base, batch, device, precision)
+        deepspeed.init_distributed(dist_backend="gloo" if self.device.type == "cpu" else None)
         config = {
             "train_micro_batch_size_per_gpu": len(self.labels),
             "zero_optimization": {"stage": 3},
-            "bf16": {"enabled": precision == "bf16"},
+            "bf16": {"enabled": next(self.model.parameters()).dtype == torch.bfloat16},
             "zero_allow_untested_optimizer": True,
         }
-        # The regularizer built by Runner hooks the blocks of self.model, which the engine wraps.
+        # The regularizer Runner built hooks the blocks of self.model, which the engine wraps.
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
             model=self.model, optimizer=self.optimizer, config=config
         )

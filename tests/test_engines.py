@@ -1,14 +1,15 @@
 """Distributed engines through the Trainer: FSDP2 and DeepSpeed ZeRO-2/3 train as DDP does.
 
-The same job runs under each engine on 2 CPU ranks (gloo, spawned by the test): a tiny Llama
-(4 blocks, hidden 32, float32, no dropout) loaded with ``from_pretrained`` from one saved
-checkpoint (under ZeRO-3 it is partitioned as it loads), a fixed padded dataset with the
-prompt masked, ``RaptTrainer`` with per-rank RAPT seeds (rank 0 perturbs blocks 0-1, rank 1
-blocks 2-3), SGD, gradient accumulation 2 and clipping, 3 optimizer steps. Each engine's saved
-model (``trainer.save_model``: full state dict, written by rank 0) must equal the one plain DDP
-saves to 1e-5, and each rank's logged penalties must equal DDP's.
+The same job runs under DDP and each engine on 2 CPU ranks (gloo, spawned by the test): the
+suite's tiny Llama (``hf_models``: 3 blocks, hidden 32, float32, dropout 0) loaded with
+``from_pretrained`` from one saved checkpoint (under ZeRO-3 it is partitioned as it loads), a
+fixed padded dataset with the prompt masked, ``RaptTrainer`` with per-rank RAPT seeds (rank 0
+draws layers 0-1, rank 1 layers 2-3), SGD, gradient accumulation 2 and clipping, 3 optimizer
+steps. Each engine's saved model (``trainer.save_model``: full state dict, written by rank 0)
+must equal the one DDP saves to 1e-5, and each rank's logged penalties must equal DDP's.
 
-``CASES`` are the RAPT settings each engine runs (one launch per engine runs them all).
+``RAPT_CASES`` are the RAPT settings every engine runs, all in one launch (starting the ranks
+is most of the cost).
 
 FSDP2 goes through accelerate's FSDP plugin (``fsdp=True``, ``fsdp_config={"version": 2}``).
 accelerate (1.16) turns the plugin on only for GPU-like distributed types: with
@@ -31,6 +32,7 @@ from unittest import mock
 import pytest
 import torch
 import torch.distributed as dist
+from hf_models import CASES, VOCAB
 from ranks import run_on_ranks
 
 WORLD = 2
@@ -38,16 +40,16 @@ STEPS = 3
 ACCUMULATION = 2
 BATCH = 2  # per rank
 LENGTH = 12
-VOCAB = 128
-BLOCKS = 4
 LR = 0.1
 TOLERANCE = 1e-5
 ENGINES = ("fsdp2", "zero2", "zero3")
 # RAPT settings, by id: rapt_kwargs on top of each rank's generator and layer range.
-CASES: dict[str, dict[str, Any]] = {"logits": {}}
-# Wall-clock limit of one engine's launch (all CASES); gloo's own timeout is 60 s.
+RAPT_CASES: dict[str, dict[str, Any]] = {"logits": {}}
+# Wall-clock limit of the launch (every engine and case); gloo's own timeout is 60 s.
 LAUNCH_TIMEOUT = 300.0
 
+pytest.importorskip("transformers")
+pytest.importorskip("accelerate")
 pytestmark = [
     pytest.mark.engines,
     pytest.mark.slow,
@@ -163,7 +165,7 @@ def _trainer(rank: int, engine: str, case: str, model_dir: str, out_dir: str) ->
         "min_layer": 2 * rank,
         "max_layer": 2 * rank + 1,
         "generator": torch.Generator().manual_seed(100 + rank),
-        **CASES[case],
+        **RAPT_CASES[case],
     }
     return RaptTrainer(
         model=model,
@@ -215,34 +217,20 @@ def _all(rank: int, engines: tuple[str, ...], model_dir: str, out_dir: str) -> d
     results: dict[str, Any] = {}
     for engine in ("ddp", *engines):
         if engine == "fsdp2":
-            probe = _trainer(rank, engine, next(iter(CASES)), model_dir, out_dir)
+            probe = _trainer(rank, engine, next(iter(RAPT_CASES)), model_dir, out_dir)
             results["fsdp_without_gate"] = probe.is_fsdp_enabled
             del probe
             _open_fsdp_gate()
-        for case in CASES:
+        for case in RAPT_CASES:
             results[engine, case] = _train(rank, engine, case, model_dir, out_dir)
     return results
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The starting checkpoint every engine loads."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=BLOCKS,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        attention_dropout=0.0,
-        pad_token_id=0,
-    )
-    torch.manual_seed(0)
+    """The starting checkpoint every engine loads: the suite's tiny Llama, dropout 0."""
     path = tmp_path_factory.mktemp("engines-start")
-    LlamaForCausalLM(config).save_pretrained(path)
+    CASES["llama"].build(dropout=0.0, seed=0).save_pretrained(path)
     return path
 
 
@@ -274,7 +262,7 @@ def _max_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> f
 
 
 @pytest.mark.promise("engines-exact")
-@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("case", RAPT_CASES)
 @pytest.mark.parametrize("engine", ENGINES)
 def test_engine_trains_as_ddp(trained, model_dir: Path, engine: str, case: str) -> None:
     if engine.startswith("zero") and not _has_deepspeed():
