@@ -9,6 +9,7 @@ root on a machine with a GPU::
     python benchmarks/gpu.py --json benchmarks/gpu.json
     python benchmarks/gpu.py --sync-debug          # also: do the steps synchronise the host?
     python benchmarks/gpu.py --device cpu --smoke  # seconds, anywhere: checks that it runs
+    python benchmarks/gpu.py --models zero3        # the ZeRO-3 run alone
 
 Per model and method: its own copy of the model and AdamW (fp32 weights, the step under
 ``torch.autocast("cuda", dtype=torch.bfloat16)``; ``--precision bf16`` casts the weights
@@ -18,6 +19,13 @@ instead), ``--warmup`` steps, then ``--steps`` timed steps, each ended by
 before them (model, optimizer state, batch): the step's own activations, gradients and
 temporaries. With ``--sync-debug`` one more step of each method runs under
 ``torch.cuda.set_sync_debug_mode("error")`` and the first synchronising call is reported.
+
+``zero3`` (in the default ``--models``) is the Llama shape again under DeepSpeed ZeRO-3 on the
+one device (world size 1: each step gathers and frees the partitioned weights around every
+block, RAPT's noisy pass included), standard and RAPT only; the engine keeps fp32 weights and
+the step runs under the same autocast. It needs CUDA and ``deepspeed`` (``pip install
+"rapt-reg[engines]"``) and is skipped with the reason in the figures otherwise (its correctness
+on 2 ranks is tested on CPU by ``tests/test_engines.py``).
 """
 
 from __future__ import annotations
@@ -45,6 +53,7 @@ BERT_BASE = workloads.Shape(blocks=12, hidden=768, heads=12, seq=128, batch=32, 
 LLAMA = {"vocab": 32000, "hidden": 128, "blocks": 4, "seq": 256, "batch": 4}
 SMOKE_BERT = workloads.SMOKE
 SMOKE_LLAMA = {"vocab": 256, "hidden": 32, "blocks": 4, "seq": 16, "batch": 2}
+ZERO3_METHODS = ("standard", "rapt")
 NO_CUDA = (
     "benchmarks/gpu.py needs a CUDA device and torch.cuda.is_available() is False here "
     "(torch {version}). Run it on a machine with a GPU, or pass --device cpu --smoke to check "
@@ -61,7 +70,8 @@ def build(model: str, smoke: bool) -> tuple[torch.nn.Module, dict[str, torch.Ten
     shape = SMOKE_LLAMA if smoke else LLAMA
     net = workloads.llama(shape["vocab"], hidden=shape["hidden"], blocks=shape["blocks"], heads=4)
     batch = workloads.lm_batch(shape["vocab"], shape["batch"], shape["seq"])
-    return net, batch, f"Llama-shaped causal LM ({shape})"
+    engine = ", DeepSpeed ZeRO-3 on one device" if model == "zero3" else ""
+    return net, batch, f"Llama-shaped causal LM ({shape}){engine}"
 
 
 class Runner:
@@ -100,12 +110,63 @@ class Runner:
                 loss = F.cross_entropy(logits.flatten(0, 1), self.labels.flatten())
             else:
                 loss = F.cross_entropy(logits, self.labels)
-        (loss + penalty).backward()
+        self.update(loss + penalty)
+
+    def update(self, loss: torch.Tensor) -> None:
+        loss.backward()
         self.optimizer.step()
 
     def remove(self) -> None:
         if self.regularizer is not None:
             self.regularizer.remove()
+
+
+class Zero3Runner(Runner):
+    """A :class:`Runner` whose model is a DeepSpeed ZeRO-3 engine on this one device."""
+
+    def __init__(self, *args: Any) -> None:
+        """Takes :class:`Runner`'s arguments."""
+        import deepspeed
+
+        super().__init__(*args)
+        # One process of its own group (a launcher would have set these).
+        for name, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1"}.items():
+            os.environ.setdefault(name, value)
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", "29511")
+        deepspeed.init_distributed(dist_backend="gloo" if self.device.type == "cpu" else None)
+        config = {
+            "train_micro_batch_size_per_gpu": len(self.labels),
+            "zero_optimization": {"stage": 3},
+            "bf16": {"enabled": next(self.model.parameters()).dtype == torch.bfloat16},
+            "zero_allow_untested_optimizer": True,
+        }
+        # The regularizer Runner built hooks the blocks of self.model, which the engine wraps.
+        self.engine, self.optimizer, _, _ = deepspeed.initialize(
+            model=self.model, optimizer=self.optimizer, config=config
+        )
+
+    def _forward(self) -> Any:
+        return self.engine(**self.inputs)
+
+    def update(self, loss: torch.Tensor) -> None:
+        self.engine.backward(loss)
+        self.engine.step()
+
+    def remove(self) -> None:
+        super().remove()
+        self.engine.destroy()
+
+
+def zero3_unavailable(device: torch.device) -> Optional[str]:
+    """Why the ZeRO-3 run cannot run here, or None."""
+    if device.type != "cuda":
+        return "needs CUDA (tests/test_engines.py runs ZeRO-3 on CPU ranks)"
+    try:
+        import deepspeed  # noqa: F401
+    except ImportError:
+        return "needs deepspeed: pip install 'rapt-reg[engines]'"
+    return None
 
 
 def _sync(device: torch.device) -> None:
@@ -178,7 +239,7 @@ def main(argv: Optional[Sequence[str]] = None, log: Callable[[str], None] = prin
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cuda", help="cuda (default), cuda:N, or cpu")
     parser.add_argument("--precision", choices=["autocast", "bf16"], default="autocast")
-    parser.add_argument("--models", type=lambda s: s.split(","), default=["bert", "llama"])
+    parser.add_argument("--models", type=lambda s: s.split(","), default=["bert", "llama", "zero3"])
     parser.add_argument("--methods", type=lambda s: s.split(","), default=list(METHODS))
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--steps", type=int, default=20)
@@ -192,8 +253,8 @@ def main(argv: Optional[Sequence[str]] = None, log: Callable[[str], None] = prin
     args = parser.parse_args(argv)
     if set(args.methods) - set(METHODS) or "standard" not in args.methods:
         parser.error(f"--methods must include standard and come from {METHODS}")
-    if set(args.models) - {"bert", "llama"}:
-        parser.error("--models: bert, llama")
+    if set(args.models) - {"bert", "llama", "zero3"}:
+        parser.error("--models: bert, llama, zero3")
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit(NO_CUDA.format(version=torch.__version__))
@@ -210,10 +271,19 @@ def main(argv: Optional[Sequence[str]] = None, log: Callable[[str], None] = prin
         "models": {},
     }
     for model in args.models:
+        runner_cls, methods_run = Runner, args.methods
+        if model == "zero3":
+            skipped = zero3_unavailable(device)
+            if skipped is not None:
+                log(f"  zero3: skipped, {skipped}")
+                figures["skipped"] = {"zero3": skipped}
+                continue
+            runner_cls = Zero3Runner
+            methods_run = [m for m in args.methods if m in ZERO3_METHODS]
         base, batch, description = build(model, args.smoke)
         methods = {}
-        for method in args.methods:
-            runner = Runner(method, base, batch, device, args.precision)
+        for method in methods_run:
+            runner = runner_cls(method, base, batch, device, args.precision)
             methods[method] = measure(runner, args.warmup, args.steps, args.sync_debug)
             log(f"  {model} {method}: {methods[method]['step_ms']:.1f} ms")
             runner.remove()

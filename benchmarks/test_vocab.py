@@ -2,6 +2,8 @@
 
 import json
 import os
+import subprocess
+import sys
 
 import gpu
 import pytest
@@ -53,3 +55,55 @@ def test_gpu_script_smoke_on_cpu(tmp_path):
     assert methods["rapt"]["sync_debug"] == "n/a (not CUDA)"
     assert json.loads((tmp_path / "g.json").read_text())["models"].keys() == {"llama"}
     assert "| RAPT (pair, layers 1-3) |" in "\n".join(lines)
+
+
+@pytest.mark.promise("benchmark-scripts")
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the skip shown without CUDA")
+def test_gpu_script_skips_zero3_without_cuda(tmp_path):
+    lines = []
+    argv = ["--device", "cpu", "--smoke", "--models", "llama,zero3", "--methods", "standard,rapt"]
+    figures = gpu.main([*argv, "--json", str(tmp_path / "g.json")], lines.append)
+    assert figures["models"].keys() == {"llama"}
+    assert figures["skipped"]["zero3"].startswith("needs CUDA")
+    assert "zero3: skipped, needs CUDA" in "\n".join(lines)
+    assert json.loads((tmp_path / "g.json").read_text())["skipped"] == figures["skipped"]
+
+
+# The ZeRO-3 runner on CPU, in a process of its own (DeepSpeed makes a process group).
+ZERO3_ON_CPU = """
+import json, sys, torch
+sys.path.insert(0, sys.argv[1])
+import gpu
+base, batch, _ = gpu.build("zero3", smoke=True)
+out = {}
+for method in gpu.ZERO3_METHODS:
+    runner = gpu.Zero3Runner(method, base, batch, torch.device("cpu"), "autocast")
+    gpu.measure(runner, warmup=1, steps=1, sync_debug=False)
+    reg = runner.regularizer
+    out[method] = {
+        "stage": runner.engine.zero_optimization_stage(),
+        "steps": runner.engine.global_steps,
+        "layer": None if reg is None else reg.last_layer,
+    }
+    runner.remove()
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.engines
+def test_gpu_script_zero3_runner_steps_on_cpu():
+    pytest.importorskip("deepspeed", reason="needs deepspeed (pip install 'rapt-reg[engines]')")
+    env = {**os.environ, "DS_ACCELERATOR": "cpu"}
+    result = subprocess.run(
+        [sys.executable, "-c", ZERO3_ON_CPU, os.path.dirname(gpu.__file__)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = json.loads(result.stdout.strip().splitlines()[-1])
+    assert out["standard"] == {"stage": 3, "steps": 2, "layer": None}
+    assert out["rapt"]["stage"] == 3 and out["rapt"]["steps"] == 2
+    assert out["rapt"]["layer"] in (1, 2, 3)

@@ -14,7 +14,7 @@ python -m build --outdir "$dist" .
 python -m twine check --strict "$dist"/*
 wheel=$(ls "$dist"/*.whl)
 python -m zipfile -l "$wheel"
-python -m pip install "$wheel[test,demo,integrations]"
+python -m pip install "$wheel[test,demo,integrations,engines]"
 # Same version as an install already there (an editable one, say): replace it with the wheel.
 python -m pip install --force-reinstall --no-deps "$wheel"
 

@@ -35,7 +35,7 @@ def test_ci_runs_the_readme_test_command():
     # the suite runs against the installed wheel: conftest stops it if rapt_reg comes from the tree
     assert (
         "twine check --strict" in script
-        and 'pip install "$wheel[test,demo,integrations]"' in script
+        and 'pip install "$wheel[test,demo,integrations,engines]"' in script
     )
     assert "RAPT_REG_TEST_INSTALLED=1" in script and "PYTHONSAFEPATH=1" in script
     assert (

@@ -163,12 +163,14 @@ class RaptTrainerMixin:
         reg = self._regularizer()
         if _is_trl_sft(self):
             parent = self._plain_trainer_loss(inputs)
+        # What kind of model it is is asked of the Trainer's own model (the regularizer's):
+        # ``model`` may be an engine that unwrap_model does not see through (DeepSpeed's).
         mask_fn = self._rapt_mask
         if mask_fn is None:
-            mask_fn = causal_token_mask if is_causal_lm(model) else token_mask
+            mask_fn = causal_token_mask if is_causal_lm(reg.model) else token_mask
         mask = mask_fn(inputs)
         noise = dict(self._rapt_noise(inputs)) if self._rapt_noise is not None else {}
-        noisy_inputs = self._noisy_inputs(model, inputs)  # before the parent pops "labels"
+        noisy_inputs = self._noisy_inputs(reg.model, inputs)  # before the parent pops "labels"
         task: list[torch.Tensor] = []
 
         def forward() -> Any:
