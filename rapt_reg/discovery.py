@@ -66,11 +66,12 @@ class BlockStack:
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
-    """Strip DDP/DataParallel/FSDP, ``torch.compile`` and PEFT wrappers, outermost first."""
+    """Strip DDP/DataParallel/FSDP/DeepSpeed, ``torch.compile`` and PEFT wrappers, outermost
+    first."""
     while True:
         inner = None
         if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)) or (
-            type(model).__name__ == "FullyShardedDataParallel"
+            type(model).__name__ in ("FullyShardedDataParallel", "DeepSpeedEngine")
         ):
             inner = getattr(model, "module", None)
         elif hasattr(model, "_orig_mod"):

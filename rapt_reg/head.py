@@ -47,6 +47,12 @@ def find_head(
     elif any(m is head for m in root.modules()):
         module = head
     weight = getattr(module, "weight", None)
+    if getattr(weight, "ds_shape", None) is not None:  # a DeepSpeed ZeRO-3 partition
+        raise RaptRegError(
+            f"head={head!r}: under DeepSpeed ZeRO-3 the output layer's weight is partitioned "
+            "outside its forward, so the penalty cannot make logits from it: use head=None "
+            "with ZeRO-3 (head= works under ZeRO-2, DDP and FSDP2)"
+        )
     if (
         not isinstance(module, nn.Module)
         or not isinstance(weight, torch.Tensor)

@@ -36,18 +36,8 @@ def check_token_masks(
     batch_dim: int = 0,
     stack: str = "",
 ) -> None:
-    """Refuse masks that are not bool / integer ``[batch, seq]`` of states of ``shape``.
-
-    Args:
-        noise_mask: None, or a bool tensor ``[batch, seq]``.
-        segment_ids: None, or an integer tensor ``[batch, seq]``.
-        shape: Shape of the hidden states; None checks types only.
-        batch_dim: Which dimension of ``shape`` indexes examples.
-        stack: The perturbed stack's path, named in the error.
-
-    Raises:
-        RaptRegError: naming the shapes expected and received, and the fix.
-    """
+    """Refuse masks other than bool / integer ``[batch, seq]`` of hidden states of ``shape``
+    (None: types only) whose ``batch_dim`` indexes examples; the error names ``stack``."""
     both = {"noise_mask": noise_mask, "segment_ids": segment_ids}
     given = {name: mask for name, mask in both.items() if mask is not None}
     for name, value in given.items():
@@ -134,13 +124,9 @@ def scale_noise(
         norm: ``"inf"`` (the paper), ``"l2"``, or ``None`` (unscaled; padding still zeroed).
         batch_dim: Which dimension indexes examples.
         per_token: Scale each position (the dimension after the batch's) on its own.
-        noise_mask: Optional bool ``[batch, seq]``, True on real tokens: the others get
-            exactly zero noise, and each example's norm is over its real tokens (none: zero).
-        segment_ids: Optional integer ``[batch, seq]``: each (row, segment id) pair of a packed
-            row is scaled as one example.
-
-    Returns:
-        A tensor of ``delta``'s shape and dtype.
+        noise_mask: Optional bool ``[batch, seq]``, True on real tokens: the others get no
+            noise, and an example's norm is over its real tokens (none: no noise).
+        segment_ids: Optional integer ``[batch, seq]``: each (row, id) pair is one example.
 
     Example:
         >>> d = scale_noise(torch.randn(2, 3, 4), eta=2.0)
@@ -213,23 +199,16 @@ def sample_noise(
 ) -> torch.Tensor:
     """Draw ``delta ~ N(0, sigma^2 I)`` and rescale it with :func:`scale_noise`.
 
-    Drawn and scaled in float32 (at least), cast to ``dtype`` last: a half-precision model's
-    noise has norm ``eta`` rounded once. Drawn on the generator's device (else ``device``),
-    returned on ``device``. ``scale`` (e.g. :func:`hidden_rms`), if given, multiplies the
-    scaled noise before the cast: the norm becomes ``eta * scale``. Other arguments as for
-    :func:`scale_noise`.
+    Drawn (on the generator's device) and scaled in float32 at least, cast to ``dtype`` last
+    (a half-precision noise's norm is ``eta`` rounded once), returned on ``device``. ``scale``
+    (e.g. :func:`hidden_rms`) multiplies it before the cast: the norm becomes ``eta * scale``.
     """
     work_dtype = torch.promote_types(dtype, torch.float32)
     sample_device = generator.device if generator is not None else device
     delta = torch.randn(shape, dtype=work_dtype, device=sample_device, generator=generator)
+    masks = {"noise_mask": noise_mask, "segment_ids": segment_ids}
     delta = scale_noise(
-        delta * sigma,
-        eta=eta,
-        norm=norm,
-        batch_dim=batch_dim,
-        per_token=per_token,
-        noise_mask=noise_mask,
-        segment_ids=segment_ids,
+        delta * sigma, eta=eta, norm=norm, batch_dim=batch_dim, per_token=per_token, **masks
     )
     if scale is not None:
         delta = delta * scale.to(device=delta.device, dtype=work_dtype)

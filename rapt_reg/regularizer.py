@@ -180,10 +180,8 @@ class PerturbationRegularizer(abc.ABC):
         """
         self._check_callable(noisy_forward)
         check_token_masks(noise_mask, segment_ids)
-        clean = logits_of(clean_output)
-        if not self._training():
-            return self._eval_penalty(clean)
-        return self._step(noisy_forward, Step(clean, False, mask, noise_mask, segment_ids))
+        step = Step(logits_of(clean_output), False, mask, noise_mask, segment_ids)
+        return self._step(noisy_forward, step) if self._training() else self._eval_penalty(step)
 
     def pair(
         self,
@@ -205,10 +203,8 @@ class PerturbationRegularizer(abc.ABC):
         with self._capture("clean") as captured:
             output = forward()
         clean = captured[0] if captured else logits_of(output)
-        if not self._training():
-            return output, self._eval_penalty(clean)
         step = Step(clean, bool(captured), mask, noise_mask, segment_ids)
-        return output, self._step(forward, step)
+        return output, self._step(forward, step) if self._training() else self._eval_penalty(step)
 
     @property
     def skipped_steps(self) -> int:
@@ -337,7 +333,7 @@ class PerturbationRegularizer(abc.ABC):
                 "lambda: model(**batch)"
             )
 
-    def _eval_penalty(self, clean: torch.Tensor) -> torch.Tensor:
+    def _eval_penalty(self, step: Step) -> torch.Tensor:
         if not self._warned_eval:
             self._warned_eval = True
             warnings.warn(
@@ -345,7 +341,7 @@ class PerturbationRegularizer(abc.ABC):
                 "mode, so the penalty is 0 (call model.train() to regularize). This is said once.",
                 stacklevel=3,
             )
-        return self._zero(clean)
+        return self._zero(step.clean)
 
     @staticmethod
     def _zero(like: torch.Tensor) -> torch.Tensor:

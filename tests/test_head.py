@@ -1,0 +1,222 @@
+"""The head-aware penalty (``head=``): the noisy pass builds no logits, and the divergence made
+chunk by chunk from both passes' last hidden states and the head's weight is the plain formula's.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+import rapt_reg
+from rapt_reg import divergence as div
+from rapt_reg.baselines import R3FRegularizer, SmartRegularizer
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+TOLERANCE = {torch.float64: 1e-9, torch.float32: 1e-6}
+
+
+def _plain(fn, noisy_h, clean, head: div.Head, mask, clean_is_hidden):
+    """The formula on whole tensors: full logits, the mean over the kept positions."""
+
+    def logits(h: torch.Tensor) -> torch.Tensor:
+        out = F.linear(h, head.weight, head.bias).to(torch.promote_types(h.dtype, torch.float32))
+        out = out * head.scale
+        return out if head.softcap is None else torch.tanh(out / head.softcap) * head.softcap
+
+    values = fn(logits(noisy_h), logits(clean) if clean_is_hidden else clean)
+    if mask is None:
+        return values.mean()
+    return torch.where(mask, values, 0.0).sum() / mask.sum().clamp_min(1)
+
+
+def _relative(ours: torch.Tensor, reference: torch.Tensor) -> float:
+    scale = reference.abs().max().item()
+    return (ours - reference).abs().max().item() / (scale or 1.0)
+
+
+@pytest.mark.promise("head-exact")
+@settings(max_examples=120, deadline=None, derandomize=True)
+@given(
+    dtype=st.sampled_from([torch.float64, torch.float32]),
+    leading=st.lists(st.integers(1, 5), min_size=1, max_size=2).map(tuple),
+    hidden=st.integers(1, 12),
+    vocab=st.integers(1, 40),
+    masking=st.sampled_from(["none", "random", "all_false"]),
+    bias=st.booleans(),
+    softcap=st.sampled_from([None, 3.0, 30.0]),
+    scale=st.sampled_from([1.0, 0.5]),
+    clean_is_hidden=st.booleans(),
+    name=st.sampled_from(sorted(div.DIVERGENCES)),
+    chunk=st.one_of(st.none(), st.integers(1, 7)),
+    seed=st.integers(0, 2**31),
+)
+def test_head_aware_divergence_equals_the_plain_formula(
+    dtype, leading, hidden, vocab, masking, bias, softcap, scale, clean_is_hidden, name, chunk, seed
+):
+    """Value and the gradients of both sides, the weight and the bias, to 1e-9 (float64) or
+    1e-6 (float32) relative, with NaN at every position the mask leaves out."""
+    gen = torch.Generator().manual_seed(seed)
+    noisy = torch.randn(*leading, hidden, generator=gen, dtype=dtype) * 2
+    width = hidden if clean_is_hidden else vocab
+    clean = torch.randn(*leading, width, generator=gen, dtype=dtype) * 2
+    weight = torch.randn(vocab, hidden, generator=gen, dtype=dtype)
+    b = torch.randn(vocab, generator=gen, dtype=dtype) if bias else None
+    mask = None
+    if masking != "none":
+        mask = torch.rand(leading, generator=gen) < (0.6 if masking == "random" else 0.0)
+    tensors = [t.requires_grad_() for t in (noisy, clean, weight, *([b] if bias else []))]
+    head = div.Head(weight, b, scale, softcap)
+    fn = div.resolve(name)
+    reference = _plain(fn, noisy, clean, head, mask, clean_is_hidden)
+    expected = torch.autograd.grad(reference, tensors, allow_unused=True)
+    inputs = [noisy, clean]
+    if mask is not None:  # NaN where the mask is false: it must reach nothing
+        inputs = [torch.where(mask[..., None], x, float("nan")) for x in inputs]
+    value = div.reduce_divergence(
+        fn, *inputs, mask, head=head, clean_is_hidden=clean_is_hidden, chunk_positions=chunk
+    )
+    got = torch.autograd.grad(value, tensors, allow_unused=True)
+    bound = TOLERANCE[dtype]
+    assert _relative(value, reference) <= bound
+    for ours, want in zip(got, expected):
+        if want is None:
+            assert ours is None or not ours.any()
+            continue
+        assert ours is not None and torch.isfinite(ours).all()
+        assert _relative(ours, want) <= bound
+
+
+# -- through the regularizers: transformers causal LMs ----------------------------------------
+
+
+def _causal_lm(kind: str, tied: bool = False) -> nn.Module:
+    transformers = pytest.importorskip("transformers")
+    common = dict(
+        vocab_size=96, hidden_size=16, intermediate_size=32, num_hidden_layers=3,
+        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64,
+        tie_word_embeddings=tied,
+    )  # fmt: skip
+    if kind == "gemma2":  # soft-capped logits
+        config = transformers.Gemma2Config(
+            **common, head_dim=8, final_logit_softcapping=5.0, attn_logit_softcapping=None,
+            query_pre_attn_scalar=8, sliding_window=16,
+        )  # fmt: skip
+        cls = transformers.Gemma2ForCausalLM
+    else:
+        config = transformers.LlamaConfig(**common)
+        cls = transformers.LlamaForCausalLM
+    torch.manual_seed(0)
+    return cls(config).double().train()
+
+
+def _batch() -> dict[str, torch.Tensor]:
+    ids = torch.randint(0, 96, (3, 10), generator=torch.Generator().manual_seed(1))
+    attention = torch.ones_like(ids)
+    attention[2, -4:] = 0
+    return {"input_ids": ids, "attention_mask": attention}
+
+
+def _step(model: nn.Module, make, head, form: str):
+    """One step's penalty and every parameter's gradient (the task loss left out)."""
+    batch = _batch()
+    mask = batch["attention_mask"].bool()
+    model.zero_grad(set_to_none=True)
+    with make(model, head) as reg:
+        if form == "pair":
+            clean, penalty = reg.pair(lambda: model(**batch), mask=mask)
+        else:
+            clean = model(**batch)
+            penalty = reg(lambda: model(**batch), clean, mask=mask)
+        (clean.logits.sum() * 0 + penalty).backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return penalty.detach(), grads
+
+
+REGULARIZERS = {
+    "rapt": lambda m, head: rapt_reg.RandomPerturbationRegularizer(
+        m, min_layer=2, max_layer=2, generator=torch.Generator().manual_seed(0), head=head
+    ),
+    "rapt-embedding": lambda m, head: rapt_reg.RandomPerturbationRegularizer(
+        m, min_layer=0, max_layer=0, generator=torch.Generator().manual_seed(0), head=head
+    ),
+    "smart": lambda m, head: SmartRegularizer(
+        m, k=1, step_size=1e-2, noise_var=1e-2, generator=torch.Generator().manual_seed(0),
+        head=head,
+    ),  # fmt: skip
+    "r3f": lambda m, head: R3FRegularizer(
+        m, eps=0.1, generator=torch.Generator().manual_seed(0), head=head
+    ),
+}
+
+
+@pytest.mark.promise("head-exact")
+@pytest.mark.parametrize("form", ["pair", "call"])
+@pytest.mark.parametrize("method", REGULARIZERS)
+@pytest.mark.parametrize(("kind", "tied"), [("llama", False), ("llama", True), ("gemma2", False)])
+def test_head_aware_penalty_equals_the_logits_penalty(kind, tied, method, form):
+    """float64: the same penalty and gradients as comparing the logits the forward returns, for
+    every method, both call forms, tied and untied heads, and Gemma 2's soft-capped logits."""
+    model = _causal_lm(kind, tied)
+    make = REGULARIZERS[method]
+    reference, reference_grads = _step(model, make, None, form)
+    penalty, grads = _step(model, make, "auto", form)
+    assert reference > 0
+    torch.testing.assert_close(penalty, reference, rtol=1e-9, atol=0)
+    assert grads.keys() == reference_grads.keys()
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, reference_grads[name], rtol=1e-9, atol=1e-12, msg=name)
+
+
+class _LargestLogits(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the most positions a tensor with a vocabulary-sized last dimension holds, while
+    ``active`` (the head's transposed weight ``[hidden, vocab]`` is no logits)."""
+
+    def __init__(self, vocab: int) -> None:
+        super().__init__()
+        self.vocab, self.largest, self.active = vocab, 0, True
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            logits = isinstance(t, torch.Tensor) and t.ndim and t.shape[-1] == self.vocab
+            if self.active and logits and tuple(t.shape) != (16, self.vocab):
+                self.largest = max(self.largest, t.numel() // self.vocab)
+        return out
+
+
+@pytest.mark.promise("head-no-noisy-logits")
+def test_the_noisy_pass_and_the_penalty_build_no_whole_logits(monkeypatch):
+    """With head='auto' and reg.pair: after the clean pass (the model's own), through the noisy
+    pass, the penalty and its backward, no tensor holds more than one chunk of positions'
+    logits (4 of 30 here); the noisy pass's logits have no position at all."""
+    monkeypatch.setattr(div, "CHUNK_BYTES", 4 * 4 * 96)  # 4 positions of a 96-word vocabulary
+    model = _causal_lm("llama")
+    batch = _batch()
+    reg = rapt_reg.RandomPerturbationRegularizer(model, min_layer=1, max_layer=1, head="auto")
+    shapes = []
+    handle = model.register_forward_hook(lambda m, a, out: shapes.append(out.logits.shape))
+    with _LargestLogits(96) as watch:
+
+        def forward():
+            watch.active = bool(shapes)  # the clean pass (the first) is the model's business
+            return model(**batch)
+
+        _, penalty = reg.pair(forward)
+        penalty.backward()
+    handle.remove()
+    reg.remove()
+    assert shapes == [torch.Size([3, 10, 96]), torch.Size([3, 0, 96])]
+    assert watch.largest == 4
+
+
+@pytest.mark.promise("head-refused")
+def test_a_head_whose_logits_the_model_transforms_otherwise_is_not_guessed():
+    """head= a module that is not a linear layer is refused, naming head=None."""
+    model = _causal_lm("llama")
+    with pytest.raises(rapt_reg.RaptRegError, match="head=None"):
+        rapt_reg.RandomPerturbationRegularizer(model, head="model.norm")
