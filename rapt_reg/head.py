@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from typing import Optional, Union
+from typing import Any, Optional, Union
 
 import torch
 from torch import nn
@@ -18,20 +18,19 @@ from torch import nn
 from .discovery import unwrap_model
 from .divergence import Head
 from .errors import RaptRegError
-from .hooks import input_key, with_input
+from .hooks import input_key, output_hidden, with_input
 
 HeadSpec = Union[None, str, nn.Module]
 
 
-def find_head(
-    model: nn.Module, head: HeadSpec
-) -> Optional[tuple[nn.Module, float, Optional[float]]]:
-    """``(module, scale, softcap)`` of the output layer ``head=`` names (None for None).
+def find_head(model: nn.Module, head: HeadSpec) -> Optional[tuple[Any, ...]]:
+    """``(module, scale, softcap, body)`` of the output layer ``head=`` names (None for None).
 
     ``"auto"`` is the model's ``get_output_embeddings()``; a string is a dotted path; a module
     must be one of the model's. Its weight ``[vocab, hidden]`` (and bias) make the logits; a
     transformers config's ``logit_scale`` (Cohere), ``logits_scaling`` (Granite, a divisor)
-    and ``final_logit_softcapping`` (Gemma 2) are applied after it, as those models do.
+    and ``final_logit_softcapping`` (Gemma 2) are applied after it, as those models do. The
+    body is the transformers decoder (``get_decoder()``) whose output the head is given.
 
     Raises:
         RaptRegError: if there is no such module, or it is not a linear layer.
@@ -69,30 +68,51 @@ def find_head(
     scale = (getattr(config, "logit_scale", None) or 1.0) / (
         getattr(config, "logits_scaling", None) or 1.0
     )
-    return module, float(scale), getattr(config, "final_logit_softcapping", None) or None
+    body = getattr(root, "get_decoder", lambda: None)()
+    body = body if isinstance(body, nn.Module) and body is not root else None
+    return module, float(scale), getattr(config, "final_logit_softcapping", None) or None, body
 
 
 class HeadHook:
     """A pre-forward hook on the output layer that hands over its input while capturing.
 
     In a clean pass the head runs as usual; in a noisy pass it is handed zero positions, so no
-    logits are built. Only the head's first call in a pass is captured.
+    logits are built. Only the head's first call in a pass is captured. A clean pass that runs
+    no head (a fused loss makes its loss from the body's output and the head's weight) hands
+    over the body's output instead: every noisy pass checks that it is the head's input.
     """
 
-    def __init__(self, module: nn.Module, scale: float, softcap: Optional[float]) -> None:
+    def __init__(self, module: nn.Module, scale: float, softcap: Optional[float],
+                 body: Optional[nn.Module] = None) -> None:  # fmt: skip
         self.module, self._scale, self._softcap = module, scale, softcap
         self._mode: Optional[str] = None
         self._captured: list[torch.Tensor] = []
-        self._handle = module.register_forward_pre_hook(self._pre, with_kwargs=True)
+        self._body: list[torch.Tensor] = []
+        self._handles = [module.register_forward_pre_hook(self._pre, with_kwargs=True)]
+        if body is not None:
+            self._handles.append(body.register_forward_hook(self._body_output))
 
     @contextlib.contextmanager
     def capture(self, mode: str) -> Iterator[list[torch.Tensor]]:
-        """The head's input during the block (``mode``: "clean" or "noisy")."""
-        self._mode, self._captured = mode, []
+        """The head's input (or the body's output, see above) during the block (``mode``:
+        "clean" or "noisy")."""
+        self._mode, self._captured, self._body = mode, [], []
         try:
             yield self._captured
         finally:
             self._mode = None
+        if mode == "clean" and not self._captured:
+            self._captured += self._body[:1]
+        elif mode == "noisy" and self._body and self._captured:
+            head, body = (
+                (t.data_ptr(), t.shape, t.stride()) for t in (self._captured[0], self._body[0])
+            )
+            if head != body:
+                raise RaptRegError(
+                    f"the head ({type(self.module).__name__}) is not given its body's output as "
+                    "it is, so a clean pass that runs no head (a fused loss) cannot be compared: "
+                    "make the clean pass compute its logits, or pass head=None"
+                )
 
     def weights(self) -> Head:
         """The head as it is now (a sharded DTensor gathered, differentiably)."""
@@ -101,7 +121,12 @@ class HeadHook:
         return Head(weight, bias, self._scale, self._softcap)  # type: ignore[arg-type]
 
     def remove(self) -> None:
-        self._handle.remove()
+        for handle in self._handles:
+            handle.remove()
+
+    def _body_output(self, module: nn.Module, args: tuple, output: Any) -> None:
+        if self._mode is not None and not self._body:
+            self._body.append(output_hidden(output))
 
     def _pre(self, module: nn.Module, args: tuple, kwargs: dict) -> Optional[tuple[tuple, dict]]:
         if self._mode is None or self._captured:

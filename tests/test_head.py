@@ -145,7 +145,11 @@ REGULARIZERS = {
         m, min_layer=0, max_layer=0, generator=torch.Generator().manual_seed(0), head=head
     ),
     "smart": lambda m, head: SmartRegularizer(
-        m, k=1, step_size=1e-2, noise_var=1e-2, generator=torch.Generator().manual_seed(0),
+        m,
+        k=1,
+        step_size=1e-2,
+        noise_var=1e-2,
+        generator=torch.Generator().manual_seed(0),
         head=head,
     ),  # fmt: skip
     "r3f": lambda m, head: R3FRegularizer(
@@ -220,3 +224,62 @@ def test_a_head_whose_logits_the_model_transforms_otherwise_is_not_guessed():
     model = _causal_lm("llama")
     with pytest.raises(rapt_reg.RaptRegError, match="head=None"):
         rapt_reg.RandomPerturbationRegularizer(model, head="model.norm")
+
+
+def _fused_loss_llama(tied: bool = False) -> nn.Module:
+    """A Llama whose training loss is a chunked cross-entropy from the body's output and the
+    head's weight, with no logits (Liger's fused linear cross-entropy, as transformers'
+    ``use_liger_kernel`` patches it in; Liger itself needs a GPU)."""
+    plain = _causal_lm("llama", tied)
+
+    class FusedLossLlama(type(plain)):  # type: ignore[misc]
+        def forward(self, input_ids=None, attention_mask=None, labels=None, **kwargs):
+            if labels is None:
+                return super().forward(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+            hidden = self.model(input_ids=input_ids, attention_mask=attention_mask)[0]
+            shifted = F.pad(labels[:, 1:], (0, 1), value=-100).reshape(-1)
+            flat, total = hidden.reshape(-1, hidden.shape[-1]), hidden.new_zeros(())
+            for rows in range(0, flat.shape[0], 8):  # never the whole [positions, vocab]
+                chunk = F.linear(flat[rows : rows + 8], self.lm_head.weight)
+                total = total + F.cross_entropy(chunk, shifted[rows : rows + 8], reduction="sum")
+            loss = total / (shifted != -100).sum()
+            return transformers.modeling_outputs.CausalLMOutputWithPast(loss=loss, logits=None)
+
+    transformers = pytest.importorskip("transformers")
+    fused = FusedLossLlama(plain.config).double().train()
+    fused.load_state_dict(plain.state_dict())
+    return fused
+
+
+@pytest.mark.promise("head-fused-loss")
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+def test_a_fused_loss_that_makes_no_logits_gets_the_same_penalty(tied):
+    """reg.pair with head='auto' on a model whose loss makes no logits: the clean side is the
+    body's output (the head's input), the penalty and gradients those of the logits penalty."""
+    batch = {**_batch(), "labels": _batch()["input_ids"]}
+    noisy_batch = {k: v for k, v in batch.items() if k != "labels"}
+    results = []
+    for model, head in ((_causal_lm("llama", tied), None), (_fused_loss_llama(tied), "auto")):
+        reg = rapt_reg.RandomPerturbationRegularizer(
+            model, min_layer=1, max_layer=1, head=head, generator=torch.Generator().manual_seed(0)
+        )
+        calls = iter([batch, noisy_batch])  # the clean pass computes the loss, the noisy one not
+        out, penalty = reg.pair(
+            lambda m=model: m(**next(calls)), mask=batch["attention_mask"].bool()
+        )
+        penalty.backward()  # (transformers computes Llama's own loss in float32: left out)
+        results.append((out, penalty.detach(), {n: p.grad for n, p in model.named_parameters()}))
+        reg.remove()
+    (plain, expected, expected_grads), (fused, penalty, grads) = results
+    assert fused.logits is None and plain.logits is not None
+    torch.testing.assert_close(penalty, expected, rtol=1e-9, atol=0)
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, expected_grads[name], rtol=1e-9, atol=1e-12, msg=name)
+    model = _fused_loss_llama()
+    with (
+        rapt_reg.RandomPerturbationRegularizer(model) as reg,
+        pytest.raises(
+            rapt_reg.RaptRegError, match="fused loss that makes no logits needs head='auto'"
+        ),
+    ):
+        reg.pair(lambda: model(**batch))
