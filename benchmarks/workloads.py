@@ -140,14 +140,48 @@ METHODS: dict[str, tuple[str, Optional[Callable[[nn.Module], Any]]]] = {
     ),
     "smart": ("SMART (k=1)", lambda m: SmartRegularizer(m, k=1)),
     "r3f": ("R3F", lambda m: R3FRegularizer(m)),
+    # For language models: the penalty made chunk by chunk from the head's input (head=).
+    "rapt_head": (
+        "RAPT, head-aware (pair, layers 1-3)",
+        lambda m: rapt_reg.RandomPerturbationRegularizer(m, max_layer=3, head="auto"),
+    ),
 }
+LM_METHODS = ("standard", "rapt", "rapt_head", "smart", "r3f")
+
+
+def chunked_cross_entropy(
+    hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, rows: int = 256
+) -> torch.Tensor:
+    """Mean next-token cross-entropy of ``hidden @ weight.T`` without ever holding the whole
+    logits: each chunk of positions is recomputed in backward (Liger's fused linear
+    cross-entropy does this in one kernel on a GPU; this is its CPU stand-in)."""
+    flat, targets = hidden.reshape(-1, hidden.shape[-1]), labels.reshape(-1)
+
+    def chunk(h: torch.Tensor, w: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(F.linear(h, w), y, reduction="sum")
+
+    total = sum(
+        torch.utils.checkpoint.checkpoint(
+            chunk, flat[i : i + rows], weight, targets[i : i + rows], use_reentrant=False
+        )
+        for i in range(0, flat.shape[0], rows)
+    )
+    return total / (targets != -100).sum().clamp_min(1)
 
 
 class Trainee:
-    """One method's own copy of the model, its AdamW and regularizer, and one ``step()``."""
+    """One method's own copy of the model, its AdamW and regularizer, and one ``step()``.
 
-    def __init__(self, method: str, base: nn.Module, inputs: dict[str, torch.Tensor]) -> None:
-        self.method = method
+    A step frees the model's output before its backward, as a Trainer does
+    (``model(**batch).loss``): the logits are not kept alive beyond the loss's own graph.
+    ``fused=True`` (language models) makes the clean pass's loss with
+    :func:`chunked_cross_entropy` from the body's output: no logits at all.
+    """
+
+    def __init__(
+        self, method: str, base: nn.Module, inputs: dict[str, torch.Tensor], fused: bool = False
+    ) -> None:
+        self.method, self.fused = method, fused
         self.model = copy.deepcopy(base).train()
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-5)
         make = METHODS[method][1]
@@ -158,25 +192,39 @@ class Trainee:
     def forward(self) -> Any:
         return self.model(**self.inputs)
 
-    def step(self) -> float:
-        """Zero grads, clean (+ regularized) forward, backward, AdamW step; returns the loss."""
-        self.optimizer.zero_grad(set_to_none=True)
-        if self.regularizer is None:
-            output, penalty = self.forward(), 0.0
-        else:
-            output, penalty = self.regularizer.pair(self.forward)
-        loss = self.loss(output) + penalty
-        loss.backward()
-        self.optimizer.step()
-        return float(loss.detach())
-
-    def loss(self, output: Any) -> torch.Tensor:
-        """The task loss: cross-entropy of the logits, per example or (LM) per position."""
-        logits = output.logits
+    def clean_loss(self) -> torch.Tensor:
+        """The clean pass's task loss (its output freed once the loss is made)."""
+        if self.fused:
+            hidden = self.model.model(**self.inputs)[0]
+            return chunked_cross_entropy(hidden, self.model.lm_head.weight, self.labels)
+        logits = self.forward().logits
         if logits.ndim == 3:  # causal LM: labels already shifted, -100 ignored
             return F.cross_entropy(logits.flatten(0, 1), self.labels.flatten())
         return F.cross_entropy(logits, self.labels)
 
+    def step(self) -> float:
+        """Zero grads, clean (+ regularized) forward, backward, AdamW step; returns the loss."""
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.regularizer is None:
+            loss = self.clean_loss()
+        else:  # the clean pass is the task loss's; the noisy pass the model's plain forward
+            passes = iter([lambda: _Loss(self.clean_loss()), self.forward])
+            clean, penalty = self.regularizer.pair(lambda: next(passes)())
+            loss = clean.loss + penalty
+            del clean
+        loss.backward()
+        self.optimizer.step()
+        return float(loss.detach())
+
     def remove(self) -> None:
         if self.regularizer is not None:
             self.regularizer.remove()
+
+
+class _Loss:
+    """A clean pass's output that is only its loss (the logits were freed inside)."""
+
+    logits = None
+
+    def __init__(self, loss: torch.Tensor) -> None:
+        self.loss = loss
