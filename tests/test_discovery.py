@@ -518,17 +518,20 @@ def test_explicit_prefer_or_blocks_picks_the_vision_tower(name):
         assert smart.stack.path == case.paths[0]
 
 
+TINY_VISION = dict(  # a vision tower config: CLIP's, BLIP-2's
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=1,
+    num_attention_heads=2,
+    image_size=8,
+    patch_size=4,
+)
+
+
 def _tiny_blip2(text_config):
     transformers = pytest.importorskip("transformers")
     config = transformers.Blip2Config(
-        vision_config=dict(
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            image_size=8,
-            patch_size=4,
-        ),
+        vision_config=TINY_VISION,
         qformer_config=dict(
             hidden_size=32,
             num_hidden_layers=1,
@@ -601,14 +604,7 @@ def test_text_models_two_towers_and_encoder_decoders_have_no_multimodal_decoder(
                 num_attention_heads=2,
                 max_position_embeddings=16,
             ),
-            vision_config=dict(
-                hidden_size=32,
-                intermediate_size=64,
-                num_hidden_layers=1,
-                num_attention_heads=2,
-                image_size=8,
-                patch_size=4,
-            ),
+            vision_config=TINY_VISION,
             projection_dim=16,
         )
     )
