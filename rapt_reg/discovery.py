@@ -2,7 +2,9 @@
 
 A *stack* is a container (``nn.ModuleList``, ``nn.Sequential`` or ``nn.ModuleDict``) whose
 members all have one class and contain attention. Stacks nested inside another stack's members
-(ALBERT's inner layer list, per-head lists) are left out, so the outermost one wins.
+(ALBERT's inner layer list, per-head lists) are left out, so the outermost one wins. A
+multimodal generative transformers model (LLaVA, Qwen2-VL...) is perturbed in its text decoder
+by default (:func:`multimodal_text_decoder`).
 """
 
 from __future__ import annotations
@@ -20,6 +22,13 @@ _ATTENTION = re.compile(r"attn|attention", re.IGNORECASE)
 _CONTAINERS = (nn.ModuleList, nn.Sequential, nn.ModuleDict)
 
 BlocksSpec = Union[str, Sequence[Union[str, nn.Module]], None]
+
+
+class _DefaultPrefer(str):
+    """``"encoder"`` as ``prefer``'s default: told apart (by identity) from one passed by hand."""
+
+
+DEFAULT_PREFER: str = _DefaultPrefer("encoder")
 
 
 class BlockDiscoveryError(RaptRegError):
@@ -117,17 +126,81 @@ def _describe(path: str, container: nn.Module) -> str:
     return f"{path or '<root>'} ({type(container).__name__} of {len(members)}: {kinds})"
 
 
-def find_block_stacks(model: nn.Module, *, prefer: Optional[str] = "encoder") -> list[BlockStack]:
+def multimodal_text_decoder(model: nn.Module) -> Optional[nn.Module]:
+    """The text decoder of a multimodal generative transformers model, else None.
+
+    A model qualifies when its config has a text sub-config
+    (``config.get_text_config(decoder=True)`` is not the config itself), neither config is an
+    encoder-decoder, the model can generate, and ``model.get_decoder()`` is a submodule of it:
+    LLaVA's ``model.language_model``, Idefics3's ``model.text_model``. Its logits at position
+    ``t`` then predict token ``t + 1``, as a causal LM's do. Text models, encoder-decoders
+    (T5, BART, vision encoder-decoders) and two-tower models (CLIP) give None.
+
+    Args:
+        model: Any ``nn.Module``; wrappers are seen through (:func:`unwrap_model`).
+
+    Returns:
+        The decoder module (``model.get_decoder()``), or None.
+    """
+    model = unwrap_model(model)
+    config = getattr(model, "config", None)
+    get_text_config = getattr(config, "get_text_config", None)
+    get_decoder = getattr(model, "get_decoder", None)
+    can_generate = getattr(model, "can_generate", None)
+    if not (callable(get_text_config) and callable(get_decoder) and callable(can_generate)):
+        return None  # not a transformers model
+    if getattr(config, "is_encoder_decoder", False) or not can_generate():
+        return None
+    try:
+        text_config = get_text_config(decoder=True)
+    except ValueError:  # several text configs: no single text decoder
+        return None
+    if text_config is config or getattr(text_config, "is_encoder_decoder", False):
+        return None
+    decoder = get_decoder()
+    return decoder if isinstance(decoder, nn.Module) and decoder is not model else None
+
+
+def text_decoder_stack(model: nn.Module) -> Optional[BlockStack]:
+    """The blocks of :func:`multimodal_text_decoder`, or None.
+
+    The stack is the decoder's outermost container whose every member contains attention;
+    members may differ in class (Mllama interleaves cross-attention blocks with self-attention
+    ones).
+    """
+    model = unwrap_model(model)
+    decoder = multimodal_text_decoder(model)
+    if decoder is None:
+        return None
+    path = next((n for n, m in model.named_modules() if m is decoder), None)
+    if path is None:  # get_decoder() gave a module outside the model
+        return None
+    for name, module in decoder.named_modules(prefix=path):
+        members = _members(module) if isinstance(module, _CONTAINERS) else []
+        if members and all(_has_attention(m) for _, m in members):
+            return _make_stack(name, members)
+    return None
+
+
+def find_block_stacks(
+    model: nn.Module, *, prefer: Optional[str] = DEFAULT_PREFER
+) -> list[BlockStack]:
     """All candidate stacks, the preferred ones first.
 
     When ``prefer`` names a part of some candidates' paths (``"encoder"`` by default, so an
     encoder-decoder model's encoder wins; ``"decoder"`` picks the other side), only those are
-    returned. More than one result means only a forward pass can tell which stack runs.
+    returned. More than one result means only a forward pass can tell which stack runs. With
+    ``prefer`` left at its default, a multimodal generative model (a vision or audio tower and
+    a text decoder) gives its text decoder's stack alone (:func:`text_decoder_stack`).
 
     Raises:
         BlockDiscoveryError: if no container holds same-class blocks with attention.
     """
     model = unwrap_model(model)
+    if prefer is DEFAULT_PREFER:
+        decoder = text_decoder_stack(model)
+        if decoder is not None:
+            return [decoder]
     seen: list[str] = []
     found: list[tuple[str, list[tuple[str, nn.Module]]]] = []
     for path, module in model.named_modules():
@@ -156,15 +229,17 @@ def find_block_stacks(model: nn.Module, *, prefer: Optional[str] = "encoder") ->
 
 
 def find_transformer_blocks(
-    model: nn.Module, *, prefer: Optional[str] = "encoder", blocks: BlocksSpec = None
+    model: nn.Module, *, prefer: Optional[str] = DEFAULT_PREFER, blocks: BlocksSpec = None
 ) -> BlockStack:
     """The stack of transformer blocks of ``model``, in the order they run.
 
     Args:
         model: Any ``nn.Module``; DDP, FSDP, ``torch.compile`` and PEFT wrappers are seen
             through.
-        prefer: Part of a dotted path that wins when several stacks exist (the encoder of an
-            encoder-decoder model by default).
+        prefer: Part of a dotted path that wins when several stacks exist. By default the
+            encoder of an encoder-decoder model, and the text decoder of a multimodal
+            generative model (LLaVA, PaliGemma, Qwen2-VL...: :func:`text_decoder_stack`);
+            an explicit ``prefer="encoder"`` there picks the vision encoder.
         blocks: Override: a dotted path to the container (or to one block), or a list of
             modules or paths.
 

@@ -16,7 +16,14 @@ from torch import nn
 
 from . import divergence as div
 from . import replay
-from .discovery import BlocksSpec, BlockStack, ambiguity_error, find_block_stacks, resolve_blocks
+from .discovery import (
+    DEFAULT_PREFER,
+    BlocksSpec,
+    BlockStack,
+    ambiguity_error,
+    find_block_stacks,
+    resolve_blocks,
+)
 from .errors import RaptRegError
 from .head import HeadHook, HeadSpec, find_head
 from .hooks import NoisyPass, Perturb, StackHooks
@@ -105,7 +112,7 @@ class PerturbationRegularizer(abc.ABC):
         generator: Optional[torch.Generator],
         nonfinite: str,
         blocks: BlocksSpec = None,
-        prefer: Optional[str] = "encoder",
+        prefer: Optional[str] = DEFAULT_PREFER,
         batch_dim: Optional[int] = None,
         head: HeadSpec = None,
     ) -> None:
@@ -430,7 +437,8 @@ class RandomPerturbationRegularizer(PerturbationRegularizer):
         generator: A CPU ``torch.Generator`` seeding this regularizer's RNG once (None: one
             draw of the global RNG); no step draws from the global RNG.
         per_token: Scale each position's noise to ``eta`` instead of each example's.
-        prefer: Part of a dotted path that wins when the model has several stacks.
+        prefer: Part of a dotted path that wins when the model has several stacks (by
+            default an encoder-decoder's encoder, a multimodal model's text decoder).
         nonfinite: A NaN/inf penalty becomes 0 and reaches no weight (decided on the device);
             ``"raise"`` then raises at the next check (:meth:`stats`, or within
             ``CHECK_EVERY`` calls), ``"skip"`` counts it.
@@ -475,7 +483,7 @@ class RandomPerturbationRegularizer(PerturbationRegularizer):
         blocks: BlocksSpec = None,
         generator: Optional[torch.Generator] = None,
         per_token: bool = False,
-        prefer: Optional[str] = "encoder",
+        prefer: Optional[str] = DEFAULT_PREFER,
         nonfinite: str = "raise",
         batch_dim: Optional[int] = None,
         eta_scale: str = "absolute",

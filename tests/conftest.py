@@ -49,3 +49,12 @@ def single_thread() -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def accelerator_state() -> Iterator[None]:
+    """accelerate keeps process-wide state; start and end each test from a clean one."""
+    state = pytest.importorskip("accelerate.state")
+    state.AcceleratorState._reset_state(True)
+    yield
+    state.AcceleratorState._reset_state(True)

@@ -43,6 +43,8 @@ class ModelCase:
         modules: Distinct block modules (ALBERT: 1 shared layer run ``depth`` times).
         paths: Dotted path(s) of the stack discovery must find (transformers moved some).
         library: ``"transformers"`` or ``"torch"``.
+        vision: A vision-language model's vision tower stack(s) (``paths`` is its text
+            decoder's).
     """
 
     name: str
@@ -52,6 +54,7 @@ class ModelCase:
     modules: int
     paths: tuple[str, ...]
     library: str = "transformers"
+    vision: tuple[str, ...] = ()
 
     def build(self, dropout: float = 0.0, seed: int = 0) -> nn.Module:
         """The model in training mode, its weights drawn with ``seed``."""
@@ -79,9 +82,9 @@ def _ids(seed: int = 1) -> torch.Tensor:
     return torch.randint(1, VOCAB, (BATCH, SEQ), generator=gen)
 
 
-def _padded_mask() -> torch.Tensor:
-    mask = torch.ones(BATCH, SEQ, dtype=torch.long)
-    mask[1, SEQ - 3 :] = 0  # one padded example, so masks are exercised
+def _padded_mask(seq: int = SEQ) -> torch.Tensor:
+    mask = torch.ones(BATCH, seq, dtype=torch.long)
+    mask[1, seq - 3 :] = 0  # one padded example, so masks are exercised
     return mask
 
 
@@ -410,6 +413,315 @@ def _cases() -> list[ModelCase]:
         ),
     ]
 
+
+# -- vision-language models ----------------------------------------------------------------
+#
+# Each has a vision tower (one or two stacks) and a text decoder of 2 blocks at the shared
+# size, takes 8x8 images cut into 4x4 patches, and reads its rows as
+# ``[text, image tokens, text..., answer (the last VLM_ANSWER positions)]``, row 1 right-padded
+# by 3. Special tokens sit at the top of the vocabulary, text tokens below them.
+
+VLM_SEQ = 12
+VLM_ANSWER = 5
+VLM_DEPTH = 2
+IMAGE_TOKEN = VOCAB - 1  # the image placeholder; VOCAB - 2..4 are the other special tokens
+IMAGE = 8
+PATCH = 4
+
+
+def _vlm_ids(image_tokens: int) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(1)
+    ids = torch.randint(1, VOCAB - 4, (BATCH, VLM_SEQ), generator=gen)
+    ids[:, 1 : 1 + image_tokens] = IMAGE_TOKEN
+    return ids
+
+
+def _pixels(*shape: int) -> torch.Tensor:
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(3))
+
+
+def _vlm_batch(image_tokens: int, pixel_shape: tuple[int, ...], **extra: Any) -> Any:
+    """``batch()`` for a VLM: ids with ``image_tokens`` placeholders, padding, pixels, extras
+    (``extra[key](ids) -> tensor``)."""
+
+    def batch() -> dict[str, torch.Tensor]:
+        ids = _vlm_ids(image_tokens)
+        found = {
+            "input_ids": ids,
+            "attention_mask": _padded_mask(VLM_SEQ),
+            "pixel_values": _pixels(*pixel_shape),
+        }
+        found.update((key, make(ids)) for key, make in extra.items())
+        return found
+
+    return batch
+
+
+def _text_config(
+    name: str, dropout: float, dropout_key: str = "attention_dropout", **config: Any
+) -> Any:
+    import transformers
+
+    settings = dict(
+        vocab_size=VOCAB,
+        hidden_size=HIDDEN,
+        intermediate_size=2 * HIDDEN,
+        num_hidden_layers=VLM_DEPTH,
+        num_attention_heads=HEADS,
+        num_key_value_heads=1,
+        max_position_embeddings=32,
+        pad_token_id=0,
+        bos_token_id=VOCAB - 4,
+        eos_token_id=VOCAB - 4,
+    )
+    settings[dropout_key] = dropout
+    return getattr(transformers, name)(**{**settings, **config})
+
+
+def _vision_config(name: str, dropout: float, **config: Any) -> Any:
+    import transformers
+
+    settings = dict(
+        hidden_size=HIDDEN,
+        intermediate_size=2 * HIDDEN,
+        num_hidden_layers=VLM_DEPTH,
+        num_attention_heads=HEADS,
+        image_size=IMAGE,
+        patch_size=PATCH,
+        attention_dropout=dropout,
+    )
+    return getattr(transformers, name)(**{**settings, **config})
+
+
+def _vlm(model_name: str, config_name: str, **parts: Callable[[float], Any]) -> Any:
+    """``make(dropout)``: ``config_name(**{key: part(dropout)})`` then ``model_name(config)``."""
+
+    def make(dropout: float) -> nn.Module:
+        import transformers
+
+        config = getattr(transformers, config_name)(
+            **{k: part(dropout) if callable(part) else part for k, part in parts.items()}
+        )
+        return getattr(transformers, model_name)(config)
+
+    return make
+
+
+def _llava(dropout: float) -> nn.Module:
+    return _vlm(
+        "LlavaForConditionalGeneration",
+        "LlavaConfig",
+        vision_config=lambda d: _vision_config("CLIPVisionConfig", d, projection_dim=HIDDEN),
+        text_config=lambda d: _text_config("LlamaConfig", d),
+        image_token_index=IMAGE_TOKEN,
+        image_seq_length=(IMAGE // PATCH) ** 2,
+    )(dropout)
+
+
+def _paligemma(dropout: float) -> nn.Module:
+    return _vlm(
+        "PaliGemmaForConditionalGeneration",
+        "PaliGemmaConfig",
+        vision_config=lambda d: _vision_config("SiglipVisionConfig", d),
+        text_config=lambda d: _text_config("GemmaConfig", d, head_dim=HIDDEN // HEADS),
+        image_token_index=IMAGE_TOKEN,
+        vocab_size=VOCAB,
+        projection_dim=HIDDEN,
+        hidden_size=HIDDEN,
+    )(dropout)
+
+
+def _idefics3(prefix: str) -> Callable[[float], nn.Module]:
+    def make(dropout: float) -> nn.Module:
+        return _vlm(
+            f"{prefix}ForConditionalGeneration",
+            f"{prefix}Config",
+            vision_config=lambda d: _vision_config(f"{prefix}VisionConfig", d),
+            text_config=lambda d: _text_config("LlamaConfig", d),
+            image_token_id=IMAGE_TOKEN,
+            scale_factor=2,  # 4 patches -> 1 image token
+        )(dropout)
+
+    return make
+
+
+def _qwen_vl(prefix: str) -> Callable[[float], nn.Module]:
+    vision: dict[str, Any] = dict(
+        depth=VLM_DEPTH,
+        hidden_size=HIDDEN,
+        num_heads=HEADS,
+        patch_size=PATCH,
+        spatial_merge_size=2,  # 4 patches -> 1 image token
+        temporal_patch_size=2,
+    )
+    if prefix == "Qwen2VL":
+        vision.update(embed_dim=HIDDEN, mlp_ratio=2)
+    else:
+        vision.update(
+            intermediate_size=2 * HIDDEN,
+            out_hidden_size=HIDDEN,
+            window_size=IMAGE,
+            fullatt_block_indexes=[1],
+        )
+    # M-RoPE splits the rotary half of each head (8 here) over time, height and width.
+    rope = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [4, 2, 2]}
+
+    def make(dropout: float) -> nn.Module:
+        return _vlm(
+            f"{prefix}ForConditionalGeneration",
+            f"{prefix}Config",
+            vision_config=vision,
+            text_config=lambda d: _text_config(
+                f"{prefix}TextConfig", d, rope_parameters=rope
+            ).to_dict(),
+            image_token_id=IMAGE_TOKEN,
+            video_token_id=VOCAB - 2,
+            vision_start_token_id=VOCAB - 3,
+            vision_end_token_id=VOCAB - 4,
+        )(dropout)
+
+    return make
+
+
+def _gemma3(dropout: float) -> nn.Module:
+    return _vlm(
+        "Gemma3ForConditionalGeneration",
+        "Gemma3Config",
+        vision_config=lambda d: _vision_config("SiglipVisionConfig", d),
+        text_config=lambda d: _text_config(
+            "Gemma3TextConfig",
+            d,
+            head_dim=HIDDEN // HEADS,
+            query_pre_attn_scalar=HIDDEN // HEADS,
+            sliding_window=4,
+            layer_types=["sliding_attention", "full_attention"],
+        ),
+        mm_tokens_per_image=(IMAGE // PATCH) ** 2,
+        image_token_index=IMAGE_TOKEN,
+        boi_token_index=VOCAB - 2,
+        eoi_token_index=VOCAB - 3,
+    )(dropout)
+
+
+def _mllama(dropout: float) -> nn.Module:
+    import transformers
+
+    vision = transformers.MllamaVisionConfig(
+        hidden_size=HIDDEN,
+        intermediate_size=2 * HIDDEN,
+        num_hidden_layers=VLM_DEPTH,
+        num_global_layers=1,
+        attention_heads=HEADS,
+        image_size=IMAGE,
+        patch_size=PATCH,
+        max_num_tiles=1,
+        vision_output_dim=2 * HIDDEN,
+        intermediate_layers_indices=[0],
+        supported_aspect_ratios=[[1, 1]],
+    )
+    text = _text_config(
+        "MllamaTextConfig",
+        dropout,
+        dropout_key="dropout",
+        cross_attention_layers=[1],  # block 0 attends to the text, block 1 to the image
+    )
+    config = transformers.MllamaConfig(
+        vision_config=vision, text_config=text, image_token_index=IMAGE_TOKEN
+    )
+    return transformers.MllamaForConditionalGeneration(config)
+
+
+def _vlm_cases() -> list[ModelCase]:
+    def case(name: str, make: Any, batch: Any, text: str, vision: tuple[str, ...]) -> ModelCase:
+        return ModelCase(name, make, batch, VLM_DEPTH, VLM_DEPTH, (text,), vision=vision)
+
+    image = (BATCH, 3, IMAGE, IMAGE)
+    patches = (IMAGE // PATCH) ** 2
+    qwen_pixels = (BATCH * patches, 3 * PATCH * PATCH * 2)  # patches flattened, 2 frames each
+    qwen = dict(
+        image_grid_thw=lambda ids: torch.tensor([[1, IMAGE // PATCH, IMAGE // PATCH]] * BATCH),
+        mm_token_type_ids=lambda ids: (ids == IMAGE_TOKEN).long(),
+    )
+    return [
+        case(
+            "llava",
+            _llava,
+            _vlm_batch(patches, image),
+            "model.language_model.layers",
+            ("model.vision_tower.encoder.layers",),
+        ),
+        case(
+            "paligemma",
+            _paligemma,
+            # 0 on the prefix (image and prompt: attended both ways), 1 on the answer
+            _vlm_batch(
+                patches,
+                image,
+                token_type_ids=lambda ids: (
+                    (torch.arange(VLM_SEQ) >= VLM_SEQ - VLM_ANSWER).long().expand(BATCH, -1)
+                ),
+            ),
+            "model.language_model.layers",
+            ("model.vision_tower.encoder.layers",),
+        ),
+        case(
+            "idefics3",
+            _idefics3("Idefics3"),
+            _vlm_batch(1, (BATCH, 1, 3, IMAGE, IMAGE)),
+            "model.text_model.layers",
+            ("model.vision_model.encoder.layers",),
+        ),
+        case(
+            "smolvlm",
+            _idefics3("SmolVLM"),
+            _vlm_batch(1, (BATCH, 1, 3, IMAGE, IMAGE)),
+            "model.text_model.layers",
+            ("model.vision_model.encoder.layers",),
+        ),
+        case(
+            "qwen2_vl",
+            _qwen_vl("Qwen2VL"),
+            _vlm_batch(1, qwen_pixels, **qwen),
+            "model.language_model.layers",
+            ("model.visual.blocks",),
+        ),
+        case(
+            "qwen2_5_vl",
+            _qwen_vl("Qwen2_5_VL"),
+            _vlm_batch(1, qwen_pixels, **qwen),
+            "model.language_model.layers",
+            ("model.visual.blocks",),
+        ),
+        case(
+            "gemma3",
+            _gemma3,
+            # 1 on image tokens (attended both ways within the image)
+            _vlm_batch(patches, image, token_type_ids=lambda ids: (ids == IMAGE_TOKEN).long()),
+            "model.language_model.layers",
+            ("model.vision_tower.encoder.layers",),
+        ),
+        case(
+            "mllama",
+            _mllama,
+            _vlm_batch(
+                1,
+                (BATCH, 1, 1, 3, IMAGE, IMAGE),  # one image of one tile per row
+                aspect_ratio_ids=lambda ids: torch.ones(BATCH, 1, dtype=torch.long),
+                aspect_ratio_mask=lambda ids: torch.ones(BATCH, 1, 1, dtype=torch.long),
+                cross_attention_mask=lambda ids: torch.ones(BATCH, VLM_SEQ, 1, 1, dtype=torch.long),
+            ),
+            "model.language_model.layers",
+            (
+                "model.vision_model.transformer.layers",
+                "model.vision_model.global_transformer.layers",
+            ),
+        ),
+    ]
+
+
+VLM_CASES: dict[str, ModelCase] = {case.name: case for case in _vlm_cases()}
+"""Vision-language models (transformers), by test id: ``paths`` is the text decoder's stack,
+``vision`` the vision tower's."""
 
 CASES: dict[str, ModelCase] = {case.name: case for case in _cases()}
 """Every architecture, by test id."""

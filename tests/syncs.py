@@ -71,13 +71,32 @@ def _has_boolean_tensor(index: Any) -> bool:
     )
 
 
+class _BooleanIndexing(torch.overrides.TorchFunctionMode):
+    """Counts ``t[mask]`` and ``t[mask] = v``. A mode, not a patched ``Tensor.__getitem__``:
+    assigning ``__getitem__`` to ``torch.Tensor`` fills CPython's sequence slot of the class
+    for good, after which ``torch.tensor([t0, t1])`` of 0-d tensors fails in later tests.
+
+    The patched conversions reach the mode too (their originals dispatch to it): it runs the
+    original, so that each conversion is counted once, by its wrapper.
+    """
+
+    def __init__(self, counts: HostSyncs, originals: dict[Any, Any]) -> None:
+        super().__init__()
+        self.counts, self.originals = counts, originals
+
+    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        indexing = func is torch.Tensor.__getitem__ or func is torch.Tensor.__setitem__
+        if indexing and _has_boolean_tensor(args[1]):
+            self.counts.record(BOOLEAN_INDEX, args[0])
+        return self.originals.get(func, func)(*args, **(kwargs or {}))
+
+
 @contextlib.contextmanager
 def count_host_syncs() -> Iterator[HostSyncs]:
     """Patch ``torch.Tensor``'s conversions with counting wrappers while the block runs."""
     counts = HostSyncs()
-    names = (*CONVERSIONS, "__getitem__", "__setitem__")
-    own = {name for name in names if name in vars(torch.Tensor)}  # the rest are inherited
-    originals = {name: getattr(torch.Tensor, name) for name in names}
+    own = {name for name in CONVERSIONS if name in vars(torch.Tensor)}  # the rest are inherited
+    originals = {name: getattr(torch.Tensor, name) for name in CONVERSIONS}
 
     def counting(name: str, original: Callable[..., Any]) -> Callable[..., Any]:
         def wrapper(self: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
@@ -86,20 +105,12 @@ def count_host_syncs() -> Iterator[HostSyncs]:
 
         return wrapper
 
-    def indexing(original: Callable[..., Any]) -> Callable[..., Any]:
-        def wrapper(self: torch.Tensor, index: Any, *rest: Any) -> Any:
-            if _has_boolean_tensor(index):
-                counts.record(BOOLEAN_INDEX, self)
-            return original(self, index, *rest)
-
-        return wrapper
-
+    wrappers = {name: counting(name, original) for name, original in originals.items()}
     try:
-        for name in CONVERSIONS:
-            setattr(torch.Tensor, name, counting(name, originals[name]))
-        torch.Tensor.__getitem__ = indexing(originals["__getitem__"])  # type: ignore[method-assign]
-        torch.Tensor.__setitem__ = indexing(originals["__setitem__"])  # type: ignore[method-assign]
-        yield counts
+        for name, wrapper in wrappers.items():
+            setattr(torch.Tensor, name, wrapper)
+        with _BooleanIndexing(counts, {wrappers[n]: originals[n] for n in CONVERSIONS}):
+            yield counts
     finally:
         for name, original in originals.items():
             if name in own:

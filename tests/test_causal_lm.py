@@ -189,6 +189,25 @@ def test_sft_trainer_refuses_other_loss_types(tmp_path: Path) -> None:
         trainer.train()
 
 
+@pytest.mark.promise("neftune-refused")
+def test_sft_trainer_refuses_neftune_unless_allowed(tmp_path: Path) -> None:
+    """TRL's SFTConfig takes NEFTune from TrainingArguments (transformers' Trainer runs it)."""
+    trl = pytest.importorskip("trl")
+    from rapt_reg.integrations import with_rapt
+
+    tokenizer, model = _tiny_llm()
+    settings = dict(
+        model=model,
+        args=_sft_args(tmp_path, neftune_noise_alpha=5.0),
+        train_dataset=_sentences(),
+        processing_class=tokenizer,
+    )
+    with pytest.raises(rapt_reg.RaptRegError, match="NEFTune.*rapt_allow_neftune=True"):
+        with_rapt(trl.SFTTrainer)(**settings)
+    trainer = with_rapt(trl.SFTTrainer)(**settings, rapt_allow_neftune=True)
+    assert trainer.neftune_noise_alpha == 5.0
+
+
 @pytest.mark.promise("sft-trainer", "lora")
 def test_sft_trainer_with_lora_and_packing(tmp_path: Path) -> None:
     """SFTTrainer wraps the model in PEFT itself: the penalty trains the adapters."""

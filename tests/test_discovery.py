@@ -4,6 +4,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from hf_models import VLM_CASES, VLM_DEPTH
 from models import (
     Attention,
     Block,
@@ -14,13 +15,19 @@ from models import (
 )
 from torch import nn
 
+import rapt_reg
 from rapt_reg import (
     BlockDiscoveryError,
     RandomPerturbationRegularizer,
     RaptRegError,
     find_transformer_blocks,
 )
-from rapt_reg.discovery import find_block_stacks, unwrap_model
+from rapt_reg.discovery import (
+    find_block_stacks,
+    multimodal_text_decoder,
+    text_decoder_stack,
+    unwrap_model,
+)
 
 MODELS = {
     "for-loop": (lambda: TinyTransformer(depth=4), "layers", 4),
@@ -468,3 +475,217 @@ def test_discovery_finds_48_blocks():
     # How long it takes is measured in benchmarks/test_bench_discovery.py, not judged here.
     stack = find_transformer_blocks(TinyTransformer(depth=48, dim=8))
     assert len(stack) == 48 and stack.path == "layers"
+
+
+# -- multimodal models: the text decoder by default ---------------------------------------------
+
+
+@pytest.mark.promise("vlm-text-decoder")
+@pytest.mark.parametrize("name", list(VLM_CASES))
+def test_a_vision_language_model_defaults_to_its_text_decoder(name):
+    pytest.importorskip("transformers")
+    case = VLM_CASES[name]
+    model = case.build()
+    assert multimodal_text_decoder(model) is model.get_decoder()
+    stack = find_transformer_blocks(model)
+    assert stack.path == case.paths[0]
+    assert stack.blocks == tuple(model.get_submodule(stack.path).children())
+    assert stack.names == tuple(f"{stack.path}.{i}" for i in range(VLM_DEPTH))
+    assert all(any(b is m for m in model.get_decoder().modules()) for b in stack.blocks)
+    assert [s.path for s in find_block_stacks(model)] == [stack.path]
+    # Mllama's text blocks are of two classes (self- and cross-attention): a stack all the same
+    assert len({type(b) for b in stack.blocks}) == (2 if name == "mllama" else 1)
+
+
+@pytest.mark.promise("vlm-text-decoder")
+@pytest.mark.parametrize("name", list(VLM_CASES))
+def test_explicit_prefer_or_blocks_picks_the_vision_tower(name):
+    """``prefer="vis"`` (part of every vision tower's path here) and ``blocks=`` win over the
+    default; an explicit ``prefer="encoder"`` means the encoder, as on any model."""
+    pytest.importorskip("transformers")
+    case = VLM_CASES[name]
+    model = case.build()
+    assert [s.path for s in find_block_stacks(model, prefer="vis")] == list(case.vision)
+    assert find_transformer_blocks(model, blocks=case.vision[0]).path == case.vision[0]
+    encoders = [p for p in case.vision if "encoder" in p.split(".")]
+    if encoders:
+        assert find_transformer_blocks(model, prefer="encoder").path == encoders[0]
+    with rapt_reg.RandomPerturbationRegularizer(model, max_layer=2) as reg:
+        assert reg.stack.path == case.paths[0]
+    with rapt_reg.RandomPerturbationRegularizer(model, blocks=case.vision[0], max_layer=2) as reg:
+        assert reg.stack.path == case.vision[0]
+    with rapt_reg.SmartRegularizer(model) as smart:
+        assert smart.stack.path == case.paths[0]
+
+
+TINY_VISION = dict(  # a vision tower config: CLIP's, BLIP-2's
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=1,
+    num_attention_heads=2,
+    image_size=8,
+    patch_size=4,
+)
+
+
+def _tiny_blip2(text_config):
+    transformers = pytest.importorskip("transformers")
+    config = transformers.Blip2Config(
+        vision_config=TINY_VISION,
+        qformer_config=dict(
+            hidden_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            intermediate_size=64,
+            encoder_hidden_size=32,
+            vocab_size=64,
+        ),
+        text_config=text_config.to_dict(),
+        num_query_tokens=2,
+    )
+    return transformers.Blip2ForConditionalGeneration(config)
+
+
+@pytest.mark.promise("vlm-text-decoder")
+def test_blip2_defaults_to_its_opt_decoder_and_keeps_the_encoder_default_with_t5():
+    """BLIP-2's language model is a whole ``*ForCausalLM`` (OPT) or an encoder-decoder (T5):
+    the first gives its decoder's blocks, the second is left to the encoder default."""
+    transformers = pytest.importorskip("transformers")
+    opt = _tiny_blip2(
+        transformers.OPTConfig(
+            vocab_size=64,
+            hidden_size=32,
+            num_hidden_layers=2,
+            ffn_dim=64,
+            num_attention_heads=2,
+            word_embed_proj_dim=32,
+            max_position_embeddings=32,
+        )
+    )
+    assert find_transformer_blocks(opt).path == "language_model.model.decoder.layers"
+    t5 = _tiny_blip2(
+        transformers.T5Config(
+            vocab_size=64,
+            d_model=32,
+            d_kv=16,
+            d_ff=64,
+            num_layers=1,
+            num_heads=2,
+            relative_attention_num_buckets=8,
+            decoder_start_token_id=0,
+            pad_token_id=0,
+        )
+    )
+    assert multimodal_text_decoder(t5) is None
+    assert [s.path for s in find_block_stacks(t5)] == [
+        "vision_model.encoder.layers",
+        "qformer.encoder.layer",
+        "language_model.encoder.block",
+    ]
+
+
+@pytest.mark.promise("vlm-text-decoder")
+def test_text_models_two_towers_and_encoder_decoders_have_no_multimodal_decoder():
+    transformers = pytest.importorskip("transformers")
+    from hf_models import CASES
+
+    for name in ("llama", "gpt2", "t5", "bert", "vit"):
+        model = CASES[name].build()
+        assert multimodal_text_decoder(model) is None, name
+        assert text_decoder_stack(model) is None, name
+        assert find_transformer_blocks(model).path in CASES[name].paths
+    clip = transformers.CLIPModel(  # a text tower and a vision tower, nothing generates
+        transformers.CLIPConfig(
+            text_config=dict(
+                vocab_size=64,
+                hidden_size=32,
+                intermediate_size=64,
+                num_hidden_layers=1,
+                num_attention_heads=2,
+                max_position_embeddings=16,
+            ),
+            vision_config=TINY_VISION,
+            projection_dim=16,
+        )
+    )
+    assert multimodal_text_decoder(clip) is None
+    assert [s.path for s in find_block_stacks(clip)] == [
+        "text_model.encoder.layers",
+        "vision_model.encoder.layers",
+    ]
+    assert multimodal_text_decoder(TinyTransformer(depth=2)) is None  # no transformers API
+
+
+class HandMadeVLM(nn.Module):
+    """transformers' API by hand (``config.get_text_config``, ``get_decoder``,
+    ``can_generate``), for the cases no shipped model reaches. The decoder holds a list with a
+    block and a linear layer (not a stack) before its blocks."""
+
+    def __init__(self, **settings):
+        super().__init__()
+        self.vision = TinyTransformer(depth=2, dim=8)
+        self.language_model = nn.Module()
+        self.language_model.mixed = nn.ModuleList([Block(8, 2), nn.Linear(8, 8)])
+        self.language_model.layers = nn.ModuleList([Block(8, 2) for _ in range(3)])
+        self.settings = {"generates": True, "text": "own", "decoder": "language_model", **settings}
+        text = SimpleNamespace(is_encoder_decoder=self.settings["text"] == "encoder-decoder")
+        self.config = SimpleNamespace(
+            is_encoder_decoder=self.settings.get("encoder_decoder", False),
+            get_text_config=lambda decoder: self._text_config(text),
+        )
+
+    def _text_config(self, text):
+        if self.settings["text"] == "several":
+            raise ValueError("Multiple valid text configs were found in the model config")
+        return self.config if self.settings["text"] == "itself" else text
+
+    def get_decoder(self):
+        decoder = self.settings["decoder"]
+        return getattr(self, decoder) if decoder != "outside" else nn.Linear(2, 2)
+
+    def can_generate(self):
+        return self.settings["generates"]
+
+
+def test_a_hand_made_vlm_gets_its_decoders_outermost_all_attention_list():
+    model = HandMadeVLM()
+    assert multimodal_text_decoder(model) is model.language_model
+    stack = find_transformer_blocks(model)
+    assert stack.path == "language_model.layers" and len(stack) == 3
+    assert find_transformer_blocks(model, prefer="vision").path == "vision.layers"
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {"generates": False},
+        {"encoder_decoder": True},
+        {"text": "encoder-decoder"},
+        {"text": "itself"},
+        {"text": "several"},
+    ],
+    ids=[
+        "not-generative",
+        "encoder-decoder",
+        "text-encoder-decoder",
+        "no-sub-config",
+        "several",
+    ],
+)
+def test_a_model_that_does_not_qualify_keeps_the_generic_search(settings):
+    model = HandMadeVLM(**settings)
+    assert multimodal_text_decoder(model) is None
+    assert text_decoder_stack(model) is None
+    with pytest.raises(BlockDiscoveryError, match="several stacks"):
+        find_transformer_blocks(model)  # vision.layers and language_model.layers
+
+
+def test_a_decoder_that_is_the_model_itself_or_outside_it_is_not_used():
+    itself = HandMadeVLM()
+    itself.get_decoder = lambda: itself
+    assert multimodal_text_decoder(itself) is None
+    outside = HandMadeVLM(decoder="outside")
+    assert isinstance(multimodal_text_decoder(outside), nn.Linear)
+    assert text_decoder_stack(outside) is None
+    with pytest.raises(BlockDiscoveryError, match="several stacks"):
+        find_transformer_blocks(outside)

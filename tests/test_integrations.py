@@ -7,7 +7,6 @@ import importlib.util
 import subprocess
 import sys
 import textwrap
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Optional
 
@@ -126,15 +125,6 @@ def test_lora_model_is_seen_through(name: str, targets: list[str]) -> None:
 
 
 # -- accelerate -------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def accelerator_state() -> Iterator[None]:
-    """accelerate keeps process-wide state; start and end each test from a clean one."""
-    state = pytest.importorskip("accelerate.state")
-    state.AcceleratorState._reset_state(True)
-    yield
-    state.AcceleratorState._reset_state(True)
 
 
 @pytest.mark.promise("accelerate")
@@ -311,6 +301,65 @@ def test_trainer_trains_and_logs_the_penalty(
     assert all(entry["rapt_penalty"] > 0 for entry in logged)
     assert all(0 <= entry["rapt/layer"] <= 3 for entry in logged)
     assert any(not torch.equal(before[n], p) for n, p in trainer.model.named_parameters())
+
+
+def _penalties_of(reg: rapt_reg.RandomPerturbationRegularizer) -> list[torch.Tensor]:
+    """The penalties ``reg.pair`` returns from now on, as returned."""
+    found: list[torch.Tensor] = []
+    pair = reg.pair
+
+    def spy(forward: Any, **kwargs: Any) -> Any:
+        outputs, penalty = pair(forward, **kwargs)
+        found.append(penalty.detach())
+        return outputs, penalty
+
+    reg.pair = spy  # type: ignore[method-assign]
+    return found
+
+
+@pytest.mark.promise("trainer-logged-penalty")
+def test_trainer_logs_the_mean_of_the_undivided_penalties(
+    tmp_path: Path, accelerator_state: None
+) -> None:
+    """Accumulation over 2 micro-batches of a causal LM whose loss is normalised over the
+    accumulated batch (so the mixin divides the penalty in the loss): the logged value is the
+    mean of the two penalties the regularizer returned, not of the divided ones."""
+    trainer, _ = _trainer(
+        tmp_path, "llama", accumulation=2, regularizer=_seeded(1, 3), args={"max_steps": 1}
+    )
+    found = _penalties_of(trainer.rapt)
+    trainer.train()
+    assert trainer.model_accepts_loss_kwargs  # the regime where the penalty is divided
+    logged = [e["rapt_penalty"] for e in trainer.state.log_history if "rapt_penalty" in e]
+    assert len(found) == 2 and len(logged) == 1
+    assert not torch.isclose(found[0], found[1])
+    torch.testing.assert_close(torch.tensor(logged[0]), torch.stack(found).mean())
+
+
+@pytest.mark.promise("neftune-refused")
+def test_trainer_refuses_neftune_unless_allowed(tmp_path: Path, accelerator_state: None) -> None:
+    """NEFTune is refused with the reason and the opt-in; opted in, it runs: at ``eta=0`` the
+    penalty is 0 without NEFTune and positive with it (its noise reaches both passes)."""
+    with pytest.raises(
+        rapt_reg.RaptRegError,
+        match=r"NEFTune \(neftune_noise_alpha=5.0\).*clean pass.*rapt_allow_neftune=True",
+    ):
+        _trainer(tmp_path, "llama", args={"neftune_noise_alpha": 5.0})
+    logged = {}
+    for alpha in (None, 5.0):
+        trainer, _ = _trainer(
+            tmp_path,
+            "llama",
+            args={"neftune_noise_alpha": alpha, "max_steps": 1},
+            rapt_kwargs={"eta": 0.0},
+            rapt_allow_neftune=alpha is not None,
+        )
+        trainer.train()
+        logged[alpha] = [
+            e["rapt_penalty"] for e in trainer.state.log_history if "rapt_penalty" in e
+        ]
+    assert logged[None] == [0.0]
+    assert len(logged[5.0]) == 1 and logged[5.0][0] > 0
 
 
 @pytest.mark.promise("trainer-loss")

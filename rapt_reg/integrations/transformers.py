@@ -2,7 +2,8 @@
 
 Importing this module imports transformers; ``import rapt_reg`` does not.
 
-For causal LMs the penalty counts the positions whose *next* label is trained
+For causal LMs, and multimodal models with a text decoder (LLaVA, Qwen2-VL...: their text
+decoder is the perturbed stack), the penalty counts the positions whose *next* label is trained
 (:func:`causal_token_mask`), for other token-level models those whose own label is
 (:func:`token_mask`); the noisy pass runs without labels (no second task loss); padding
 (``attention_mask``) gets no noise and packed examples (``position_ids`` restarting at 0) are
@@ -27,7 +28,7 @@ from torch import nn
 from transformers import Trainer
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-from ..discovery import unwrap_model
+from ..discovery import multimodal_text_decoder, unwrap_model
 from ..errors import RaptRegError
 from ..regularizer import RandomPerturbationRegularizer
 from .masks import IGNORE_INDEX, causal_token_mask, noise_inputs, token_mask
@@ -50,21 +51,25 @@ _CAUSAL_LM_CLASSES = frozenset(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
 
 
 def is_causal_lm(model: nn.Module) -> bool:
-    """Whether ``model`` (wrappers seen through) is a decoder-only LM whose logits are shifted.
+    """Whether ``model`` (wrappers seen through) predicts the next token: its logits are shifted.
 
     Args:
         model: The model.
 
     Returns:
         True for the classes of ``AutoModelForCausalLM`` (and any ``*ForCausalLM``) that are
-        not encoder-decoders.
+        not encoder-decoders, and for multimodal generative models whose text decoder is not
+        an encoder-decoder's (LLaVA, PaliGemma, Idefics3, Qwen2-VL, Mllama...:
+        :func:`rapt_reg.discovery.multimodal_text_decoder`).
     """
     model = unwrap_model(model)
     config = getattr(model, "config", None)
     if getattr(config, "is_encoder_decoder", False):
         return False
     name = type(model).__name__
-    return name in _CAUSAL_LM_CLASSES or name.endswith("ForCausalLM")
+    if name in _CAUSAL_LM_CLASSES or name.endswith("ForCausalLM"):
+        return True
+    return multimodal_text_decoder(model) is not None
 
 
 def _is_trl_sft(trainer: object) -> bool:
@@ -103,11 +108,18 @@ class RaptTrainerMixin:
         rapt_noise: ``inputs -> {"noise_mask": ..., "segment_ids": ...}`` (either key may be
             left out) handed to the regularizer; :func:`noise_inputs` by default (from
             ``attention_mask`` and ``position_ids``). None gives noise to every position.
+        rapt_allow_neftune: Train with NEFTune (``neftune_noise_alpha`` in the arguments)
+            anyway. Refused by default: NEFTune's noise on the input embeddings reaches the
+            clean pass too, so the penalty would compare two noisy passes.
         *args: Passed to the Trainer.
         **kwargs: Passed to the Trainer.
 
     Attributes:
         rapt: The regularizer (None before the first training step).
+
+    Raises:
+        RaptRegError: if both ``rapt_regularizer`` and ``rapt_kwargs`` are given, or if the
+            arguments turn NEFTune on and ``rapt_allow_neftune`` is False.
     """
 
     def __init__(
@@ -117,6 +129,7 @@ class RaptTrainerMixin:
         rapt_kwargs: Optional[Mapping[str, Any]] = None,
         rapt_mask: Optional[MaskFn] = None,
         rapt_noise: Optional[NoiseFn] = noise_inputs,
+        rapt_allow_neftune: bool = False,
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
@@ -124,6 +137,15 @@ class RaptTrainerMixin:
             raise RaptRegError(
                 "pass either rapt_regularizer (a ready regularizer) or rapt_kwargs (to build "
                 "one here), not both"
+            )
+        alpha = getattr(self, "neftune_noise_alpha", None)  # the Trainer's, from its args
+        if alpha is not None and not rapt_allow_neftune:
+            raise RaptRegError(
+                f"NEFTune (neftune_noise_alpha={alpha}) adds noise to the input embeddings in "
+                "every training forward, the clean pass included, so the RAPT penalty would "
+                "compare two noisy passes instead of a noisy one with the clean one (it is not "
+                "0 even at eta=0): set neftune_noise_alpha=None, or pass "
+                "rapt_allow_neftune=True to combine them anyway"
             )
         self.rapt: Optional[RandomPerturbationRegularizer] = rapt_regularizer
         self._rapt_given = rapt_regularizer is not None
@@ -181,12 +203,12 @@ class RaptTrainerMixin:
             return model(**noisy_inputs)
 
         outputs, penalty = reg.pair(forward, mask=mask, **noise)
+        self._rapt_penalties.append(penalty.detach())  # logged as computed, never divided
         if self._loss_is_scaled_for_ga(num_items_in_batch):
             # The parent's loss is already normalised over the accumulated batch, so the
             # Trainer will not divide it by the accumulation steps: the penalty (a mean
             # over this micro-batch) is divided here instead.
             penalty = penalty / self._accumulation_steps()
-        self._rapt_penalties.append(penalty.detach())
         loss = task[0] + penalty
         return (loss, outputs) if return_outputs else loss
 
@@ -241,7 +263,9 @@ class RaptTrainerMixin:
         return int(steps or self.args.gradient_accumulation_steps)  # type: ignore[attr-defined]
 
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
-        """Adds the mean penalty since the last log and the regularizer's stats to the logs."""
+        """Adds the regularizer's stats and ``rapt_penalty`` to the logs: the mean of the
+        penalties of the micro-batches since the last log, each as the regularizer computed it
+        (before any division for gradient accumulation)."""
         if self._rapt_penalties and "loss" in logs and self.rapt is not None:
             logs = {
                 **logs,
@@ -256,7 +280,8 @@ class RaptTrainer(RaptTrainerMixin, Trainer):
     """``transformers.Trainer`` with the RAPT penalty added to the training loss.
 
     Takes the Trainer's arguments plus those of :class:`RaptTrainerMixin`
-    (``rapt_regularizer``, ``rapt_kwargs``, ``rapt_mask``, ``rapt_noise``).
+    (``rapt_regularizer``, ``rapt_kwargs``, ``rapt_mask``, ``rapt_noise``,
+    ``rapt_allow_neftune``).
     """
 
 
