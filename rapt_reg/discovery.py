@@ -2,9 +2,9 @@
 
 A *stack* is a container (``nn.ModuleList``, ``nn.Sequential`` or ``nn.ModuleDict``) whose
 members all have one class and contain attention. Stacks nested inside another stack's members
-(ALBERT's inner layer list, per-head lists) are left out, so the outermost one wins. A
-multimodal generative transformers model (LLaVA, Qwen2-VL...) is perturbed in its text decoder
-by default (:func:`multimodal_text_decoder`).
+(ALBERT's inner layer list, per-head lists) are left out, so the outermost one wins. By
+default (``prefer="auto"``) an encoder-decoder's encoder wins, and a multimodal generative
+model (LLaVA, Qwen2-VL...) is perturbed in its text decoder (:func:`multimodal_text_decoder`).
 """
 
 from __future__ import annotations
@@ -22,13 +22,6 @@ _ATTENTION = re.compile(r"attn|attention", re.IGNORECASE)
 _CONTAINERS = (nn.ModuleList, nn.Sequential, nn.ModuleDict)
 
 BlocksSpec = Union[str, Sequence[Union[str, nn.Module]], None]
-
-
-class _DefaultPrefer(str):
-    """``"encoder"`` as ``prefer``'s default: told apart (by identity) from one passed by hand."""
-
-
-DEFAULT_PREFER: str = _DefaultPrefer("encoder")
 
 
 class BlockDiscoveryError(RaptRegError):
@@ -127,80 +120,53 @@ def _describe(path: str, container: nn.Module) -> str:
 
 
 def multimodal_text_decoder(model: nn.Module) -> Optional[nn.Module]:
-    """The text decoder of a multimodal generative transformers model, else None.
-
-    A model qualifies when its config has a text sub-config
-    (``config.get_text_config(decoder=True)`` is not the config itself), neither config is an
-    encoder-decoder, the model can generate, and ``model.get_decoder()`` is a submodule of it:
-    LLaVA's ``model.language_model``, Idefics3's ``model.text_model``. Its logits at position
-    ``t`` then predict token ``t + 1``, as a causal LM's do. Text models, encoder-decoders
-    (T5, BART, vision encoder-decoders) and two-tower models (CLIP) give None.
-
-    Args:
-        model: Any ``nn.Module``; wrappers are seen through (:func:`unwrap_model`).
-
-    Returns:
-        The decoder module (``model.get_decoder()``), or None.
-    """
+    """The text decoder (``get_decoder()``) of a multimodal generative transformers model, else
+    None: a model that can generate, with a text sub-config, neither config an encoder-decoder
+    (LLaVA's ``model.language_model``, Idefics3's ``model.text_model``; not T5, BART, CLIP).
+    Its logits at position ``t`` predict token ``t + 1``, as a causal LM's do."""
     model = unwrap_model(model)
     config = getattr(model, "config", None)
-    get_text_config = getattr(config, "get_text_config", None)
-    get_decoder = getattr(model, "get_decoder", None)
-    can_generate = getattr(model, "can_generate", None)
-    if not (callable(get_text_config) and callable(get_decoder) and callable(can_generate)):
-        return None  # not a transformers model
-    if getattr(config, "is_encoder_decoder", False) or not can_generate():
-        return None
     try:
-        text_config = get_text_config(decoder=True)
-    except ValueError:  # several text configs: no single text decoder
+        text_config = config.get_text_config(decoder=True)  # type: ignore[union-attr]
+        decoder = model.get_decoder() if model.can_generate() else None  # type: ignore[operator]
+    except (AttributeError, TypeError, ValueError):  # not transformers, or several text configs
         return None
-    if text_config is config or getattr(text_config, "is_encoder_decoder", False):
+    if text_config is config or any(
+        getattr(c, "is_encoder_decoder", False) for c in (config, text_config)
+    ):
         return None
-    decoder = get_decoder()
     return decoder if isinstance(decoder, nn.Module) and decoder is not model else None
 
 
 def text_decoder_stack(model: nn.Module) -> Optional[BlockStack]:
-    """The blocks of :func:`multimodal_text_decoder`, or None.
-
-    The stack is the decoder's outermost container whose every member contains attention;
-    members may differ in class (Mllama interleaves cross-attention blocks with self-attention
-    ones).
-    """
-    model = unwrap_model(model)
-    decoder = multimodal_text_decoder(model)
-    if decoder is None:
-        return None
+    """The blocks of :func:`multimodal_text_decoder`: its outermost container whose members all
+    contain attention (of one class or not: Mllama interleaves cross- and self-attention)."""
+    model, decoder = unwrap_model(model), multimodal_text_decoder(model)
     path = next((n for n, m in model.named_modules() if m is decoder), None)
-    if path is None:  # get_decoder() gave a module outside the model
-        return None
-    for name, module in decoder.named_modules(prefix=path):
+    for name, module in decoder.named_modules(prefix=path) if path is not None else ():  # type: ignore[union-attr]
         members = _members(module) if isinstance(module, _CONTAINERS) else []
         if members and all(_has_attention(m) for _, m in members):
             return _make_stack(name, members)
     return None
 
 
-def find_block_stacks(
-    model: nn.Module, *, prefer: Optional[str] = DEFAULT_PREFER
-) -> list[BlockStack]:
+def find_block_stacks(model: nn.Module, *, prefer: Optional[str] = "auto") -> list[BlockStack]:
     """All candidate stacks, the preferred ones first.
 
-    When ``prefer`` names a part of some candidates' paths (``"encoder"`` by default, so an
-    encoder-decoder model's encoder wins; ``"decoder"`` picks the other side), only those are
-    returned. More than one result means only a forward pass can tell which stack runs. With
-    ``prefer`` left at its default, a multimodal generative model (a vision or audio tower and
-    a text decoder) gives its text decoder's stack alone (:func:`text_decoder_stack`).
+    When ``prefer`` names a part of some candidates' paths (``"decoder"``, say), only those are
+    returned; ``"auto"`` is a multimodal generative model's text decoder's stack alone
+    (:func:`text_decoder_stack`), else ``"encoder"`` (an encoder-decoder's encoder). More than
+    one result means only a forward pass can tell which stack runs.
 
     Raises:
         BlockDiscoveryError: if no container holds same-class blocks with attention.
     """
     model = unwrap_model(model)
-    if prefer is DEFAULT_PREFER:
+    if prefer == "auto":
         decoder = text_decoder_stack(model)
         if decoder is not None:
             return [decoder]
+        prefer = "encoder"
     seen: list[str] = []
     found: list[tuple[str, list[tuple[str, nn.Module]]]] = []
     for path, module in model.named_modules():
@@ -229,17 +195,16 @@ def find_block_stacks(
 
 
 def find_transformer_blocks(
-    model: nn.Module, *, prefer: Optional[str] = DEFAULT_PREFER, blocks: BlocksSpec = None
+    model: nn.Module, *, prefer: Optional[str] = "auto", blocks: BlocksSpec = None
 ) -> BlockStack:
     """The stack of transformer blocks of ``model``, in the order they run.
 
     Args:
         model: Any ``nn.Module``; DDP, FSDP, ``torch.compile`` and PEFT wrappers are seen
             through.
-        prefer: Part of a dotted path that wins when several stacks exist. By default the
-            encoder of an encoder-decoder model, and the text decoder of a multimodal
-            generative model (LLaVA, PaliGemma, Qwen2-VL...: :func:`text_decoder_stack`);
-            an explicit ``prefer="encoder"`` there picks the vision encoder.
+        prefer: Part of a dotted path that wins when several stacks exist; ``"auto"``: a
+            multimodal generative model's text decoder (LLaVA, PaliGemma, Qwen2-VL...), else
+            an encoder-decoder's encoder (``prefer="encoder"`` on LLaVA is its vision tower).
         blocks: Override: a dotted path to the container (or to one block), or a list of
             modules or paths.
 

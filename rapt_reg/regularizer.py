@@ -17,7 +17,6 @@ from torch import nn
 from . import divergence as div
 from . import replay
 from .discovery import (
-    DEFAULT_PREFER,
     BlocksSpec,
     BlockStack,
     ambiguity_error,
@@ -112,7 +111,7 @@ class PerturbationRegularizer(abc.ABC):
         generator: Optional[torch.Generator],
         nonfinite: str,
         blocks: BlocksSpec = None,
-        prefer: Optional[str] = DEFAULT_PREFER,
+        prefer: Optional[str] = "auto",
         batch_dim: Optional[int] = None,
         head: HeadSpec = None,
     ) -> None:
@@ -483,7 +482,7 @@ class RandomPerturbationRegularizer(PerturbationRegularizer):
         blocks: BlocksSpec = None,
         generator: Optional[torch.Generator] = None,
         per_token: bool = False,
-        prefer: Optional[str] = DEFAULT_PREFER,
+        prefer: Optional[str] = "auto",
         nonfinite: str = "raise",
         batch_dim: Optional[int] = None,
         eta_scale: str = "absolute",

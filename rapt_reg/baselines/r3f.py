@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..discovery import DEFAULT_PREFER, BlocksSpec
+from ..discovery import BlocksSpec
 from ..divergence import kl_terms
 from ..errors import RaptRegError
 from ..noise import scale_noise
@@ -77,7 +77,7 @@ class R3FRegularizer(PerturbationRegularizer):
         alpha: float = 1.0,
         divergence: Union[str, Callable[..., torch.Tensor], None] = None,
         blocks: BlocksSpec = None,
-        prefer: Optional[str] = DEFAULT_PREFER,
+        prefer: Optional[str] = "auto",
         generator: Optional[torch.Generator] = None,
         nonfinite: str = "raise",
         head: Union[None, str, nn.Module] = None,

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import divergence as div
-from ..discovery import DEFAULT_PREFER, BlocksSpec
+from ..discovery import BlocksSpec
 from ..errors import RaptRegError
 from ..noise import scale_noise
 from ..regularizer import Output, PerturbationRegularizer, Step, check_int, check_number
@@ -127,7 +127,7 @@ class SmartRegularizer(PerturbationRegularizer):
         divergence: Union[str, Callable[..., torch.Tensor]] = "sym_kl",
         ascent_divergence: Union[str, Callable[..., torch.Tensor], None] = None,
         blocks: BlocksSpec = None,
-        prefer: Optional[str] = DEFAULT_PREFER,
+        prefer: Optional[str] = "auto",
         generator: Optional[torch.Generator] = None,
         nonfinite: str = "raise",
         head: Union[None, str, nn.Module] = None,
