@@ -79,13 +79,16 @@ class HeadHook:
     In a clean pass the head runs as usual; in a noisy pass it is handed zero positions, so no
     logits are built. Only the head's first call in a pass is captured. A clean pass that runs
     no head (a fused loss makes its loss from the body's output and the head's weight) hands
-    over the body's output instead: every noisy pass checks that it is the head's input.
+    over the body's output instead: every noisy pass checks that it is the head's input. The
+    first noisy pass hands the head one position, whose logits :meth:`check` compares with the
+    ones the penalty would make: a model that transforms its logits otherwise is refused.
     """
 
     def __init__(self, module: nn.Module, scale: float, softcap: Optional[float],
                  body: Optional[nn.Module] = None) -> None:  # fmt: skip
         self.module, self._scale, self._softcap = module, scale, softcap
         self._mode: Optional[str] = None
+        self._checked = False
         self._captured: list[torch.Tensor] = []
         self._body: list[torch.Tensor] = []
         self._handles = [module.register_forward_pre_hook(self._pre, with_kwargs=True)]
@@ -120,6 +123,26 @@ class HeadHook:
         weight, bias = (getattr(t, "full_tensor", lambda t=t: t)() for t in (weight, bias))
         return Head(weight, bias, self._scale, self._softcap)  # type: ignore[arg-type]
 
+    def check(self, logits: torch.Tensor) -> None:
+        """On the first noisy pass: its one position's ``logits`` must be the ones made here."""
+        if self._checked:
+            return
+        head = self.weights()
+        ours = head.logits(self._captured[0][..., :1, :].detach(), *head.params())
+        theirs = logits.detach().to(ours.dtype)
+        # 3% of the largest logit: what half precision (or autocast, which wrapped forwards
+        # may hide) rounds away, and far less than any scale, cap or bias not applied here.
+        tolerance = 3e-2 * float(ours.abs().max().clamp_min(1))
+        close = ours.shape == theirs.shape and torch.allclose(theirs, ours, rtol=0, atol=tolerance)
+        if not close:
+            raise RaptRegError(
+                f"the model's logits are not its head's ({type(self.module).__name__}) output "
+                f"as head= makes them (shape {tuple(theirs.shape)}, expected {tuple(ours.shape)}"
+                "): it scales, caps or slices them in a way rapt_reg does not know. Pass "
+                "head=None to compare the logits the forward returns"
+            )
+        self._checked = True
+
     def remove(self) -> None:
         for handle in self._handles:
             handle.remove()
@@ -139,4 +162,9 @@ class HeadHook:
                 "hidden] states, so the penalty cannot be made from its input: pass head=None"
             )
         self._captured.append(hidden)
-        return with_input(args, kwargs, key, hidden[..., :0, :]) if self._mode == "noisy" else None
+        positions = 0 if self._checked else 1  # one, to be compared, on the first noisy pass
+        return (
+            with_input(args, kwargs, key, hidden[..., :positions, :])
+            if self._mode == "noisy"
+            else None
+        )

@@ -290,6 +290,8 @@ class PerturbationRegularizer(abc.ABC):
         with stream, self._hooks.armed(p), self._capture("noisy") as captured:
             p.output = forward()
         self._settle_stack(p, max_layer)
+        if self._head is not None:
+            self._head.check(logits_of(p.output))
         self._last_noise_ratio = p.noise_ratio
         return replay.carry(captured[0] if captured else logits_of(p.output), frame)
 

@@ -174,19 +174,31 @@ def _sentences() -> Any:
 
 
 @pytest.mark.promise("sft-trainer")
-def test_sft_trainer_refuses_other_loss_types(tmp_path: Path) -> None:
+@pytest.mark.promise("sft-fused-head")
+def test_sft_trainer_keeps_its_fused_head_by_default(tmp_path: Path) -> None:
+    """By default with_rapt(SFTTrainer) keeps TRL's own loss (fused LM head, any loss_type,
+    its metrics logged) and builds the head-aware penalty; with head=None it falls back to
+    the model's own NLL and refuses other loss types."""
     trl = pytest.importorskip("trl")
     from rapt_reg.integrations import with_rapt
 
     tokenizer, model = _tiny_llm()
-    trainer = with_rapt(trl.SFTTrainer)(
+    settings = dict(
         model=model,
         args=_sft_args(tmp_path, loss_type="dft"),
         train_dataset=_sentences(),
         processing_class=tokenizer,
     )
+    trainer = with_rapt(trl.SFTTrainer)(**settings)
+    trainer.train()
+    assert trainer.rapt.head is model.lm_head
+    logged = [entry for entry in trainer.state.log_history if "rapt_penalty" in entry]
+    assert len(logged) == 2 and all(e["rapt_penalty"] > 0 for e in logged)
+    assert all("mean_token_accuracy" in e for e in logged)  # TRL's own compute_loss ran
+    trainer.rapt.remove()
+    fallback = with_rapt(trl.SFTTrainer)(**settings, rapt_kwargs={"head": None})
     with pytest.raises(rapt_reg.RaptRegError, match="loss_type='nll' only, got 'dft'"):
-        trainer.train()
+        fallback.train()
 
 
 @pytest.mark.promise("neftune-refused")

@@ -101,7 +101,13 @@ def _causal_lm(kind: str, tied: bool = False) -> nn.Module:
         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64,
         tie_word_embeddings=tied,
     )  # fmt: skip
-    if kind == "gemma2":  # soft-capped logits
+    if kind == "cohere":  # logits scaled by logit_scale
+        config = transformers.CohereConfig(**common, logit_scale=0.25)
+        cls = transformers.CohereForCausalLM
+    elif kind == "granite":  # logits divided by logits_scaling
+        config = transformers.GraniteConfig(**common, logits_scaling=4.0)
+        cls = transformers.GraniteForCausalLM
+    elif kind == "gemma2":  # soft-capped logits
         config = transformers.Gemma2Config(
             **common, head_dim=8, final_logit_softcapping=5.0, attn_logit_softcapping=None,
             query_pre_attn_scalar=8, sliding_window=16,
@@ -161,7 +167,10 @@ REGULARIZERS = {
 @pytest.mark.promise("head-exact")
 @pytest.mark.parametrize("form", ["pair", "call"])
 @pytest.mark.parametrize("method", REGULARIZERS)
-@pytest.mark.parametrize(("kind", "tied"), [("llama", False), ("llama", True), ("gemma2", False)])
+@pytest.mark.parametrize(
+    ("kind", "tied"),
+    [("llama", False), ("llama", True), ("gemma2", False), ("cohere", True), ("granite", False)],
+)
 def test_head_aware_penalty_equals_the_logits_penalty(kind, tied, method, form):
     """float64: the same penalty and gradients as comparing the logits the forward returns, for
     every method, both call forms, tied and untied heads, and Gemma 2's soft-capped logits."""
@@ -197,7 +206,8 @@ class _LargestLogits(torch.utils._python_dispatch.TorchDispatchMode):
 def test_the_noisy_pass_and_the_penalty_build_no_whole_logits(monkeypatch):
     """With head='auto' and reg.pair: after the clean pass (the model's own), through the noisy
     pass, the penalty and its backward, no tensor holds more than one chunk of positions'
-    logits (4 of 30 here); the noisy pass's logits have no position at all."""
+    logits (4 of 30 here); the noisy pass's logits have no position at all (one on the first
+    pass, compared with the penalty's own)."""
     monkeypatch.setattr(div, "CHUNK_BYTES", 4 * 4 * 96)  # 4 positions of a 96-word vocabulary
     model = _causal_lm("llama")
     batch = _batch()
@@ -207,23 +217,40 @@ def test_the_noisy_pass_and_the_penalty_build_no_whole_logits(monkeypatch):
     with _LargestLogits(96) as watch:
 
         def forward():
-            watch.active = bool(shapes)  # the clean pass (the first) is the model's business
+            watch.active = len(shapes) % 2 == 1  # a clean pass (the first) is the model's business
             return model(**batch)
 
-        _, penalty = reg.pair(forward)
-        penalty.backward()
+        for _ in range(2):
+            _, penalty = reg.pair(forward)
+            penalty.backward()
+            watch.active = False
     handle.remove()
     reg.remove()
-    assert shapes == [torch.Size([3, 10, 96]), torch.Size([3, 0, 96])]
+    assert shapes[1::2] == [torch.Size([3, 1, 96]), torch.Size([3, 0, 96])]
     assert watch.largest == 4
 
 
 @pytest.mark.promise("head-refused")
 def test_a_head_whose_logits_the_model_transforms_otherwise_is_not_guessed():
-    """head= a module that is not a linear layer is refused, naming head=None."""
+    """head= a module that is not a linear layer is refused at construction; a model that
+    transforms its head's output in a way rapt_reg does not apply (here: doubles it) is refused
+    at the first noisy pass, which hands the head one position and compares its logits."""
     model = _causal_lm("llama")
     with pytest.raises(rapt_reg.RaptRegError, match="head=None"):
         rapt_reg.RandomPerturbationRegularizer(model, head="model.norm")
+
+    class Doubled(type(model)):  # type: ignore[misc]
+        def forward(self, *args, **kwargs):
+            out = super().forward(*args, **kwargs)
+            out.logits = out.logits * 2
+            return out
+
+    doubled = Doubled(model.config).double().train()
+    batch = _batch()
+    reg = rapt_reg.RandomPerturbationRegularizer(doubled, min_layer=1, max_layer=1, head="auto")
+    with pytest.raises(rapt_reg.RaptRegError, match="scales, caps or slices them.*head=None"):
+        reg.pair(lambda: doubled(**batch))
+    reg.remove()
 
 
 def _fused_loss_llama(tied: bool = False) -> nn.Module:

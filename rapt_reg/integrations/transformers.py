@@ -88,11 +88,13 @@ class RaptTrainerMixin:
     gets ``decoder_input_ids`` made from the labels instead. Evaluation and prediction run
     unchanged: the penalty (and the noise) exists only when the model is training.
 
-    With TRL's ``SFTTrainer`` (``with_rapt(SFTTrainer)``), whose own loss runs a fused LM head
-    that makes no logits, the clean pass is ``transformers.Trainer.compute_loss`` instead: the
-    model's own negative log-likelihood over the trained tokens (TRL's default loss), with
-    the logits the penalty needs; TRL's training-step metrics (entropy, token accuracy, token
-    counts) are then not logged, and ``loss_type`` other than ``"nll"`` is refused.
+    A clean pass whose loss makes no logits, a fused one (TRL's ``SFTTrainer`` always fuses its
+    LM head; ``use_liger_kernel=True`` fuses the cross-entropy), is kept as it is: the
+    regularizer is then built with ``head="auto"`` unless ``rapt_kwargs`` says otherwise, and
+    the penalty is made from the head's input, chunk by chunk (:mod:`rapt_reg.head`). With
+    ``rapt_kwargs={"head": None}``, TRL's clean pass is ``transformers.Trainer.compute_loss``
+    instead (the model's own loss, with logits; TRL's metrics are then not logged and a
+    ``loss_type`` other than ``"nll"`` is refused).
 
     The regularizer is built on ``self.model`` at the first training step, so a model made by
     ``model_init`` or compiled by ``torch_compile=True`` is handled: the hooks are in place
@@ -166,7 +168,9 @@ class RaptTrainerMixin:
             )
         if self.rapt is not None:  # model_init replaced the model: hooks go with the old one
             self.rapt.remove()
-        self.rapt = RandomPerturbationRegularizer(model, **self._rapt_kwargs)
+        fused = getattr(self.args, "use_liger_kernel", False) or _is_trl_sft(self)  # type: ignore[attr-defined]
+        kwargs = {"head": "auto"} if fused else {}  # no logits: a penalty that needs none
+        self.rapt = RandomPerturbationRegularizer(model, **{**kwargs, **self._rapt_kwargs})
         return self.rapt
 
     def compute_loss(
@@ -183,7 +187,7 @@ class RaptTrainerMixin:
         if not model.training or not torch.is_grad_enabled():
             return parent(model, inputs, return_outputs=return_outputs, **extra)
         reg = self._regularizer()
-        if _is_trl_sft(self):
+        if _is_trl_sft(self) and reg.head is None:
             parent = self._plain_trainer_loss(inputs)
         # What kind of model it is is asked of the Trainer's own model (the regularizer's):
         # ``model`` may be an engine that unwrap_model does not see through (DeepSpeed's).
@@ -196,11 +200,15 @@ class RaptTrainerMixin:
         task: list[torch.Tensor] = []
 
         def forward() -> Any:
-            if not task:  # the clean pass: the parent's loss and outputs
-                loss, outputs = parent(model, inputs, return_outputs=True, **extra)
-                task.append(loss)
-                return outputs
-            return model(**noisy_inputs)
+            if task:
+                return model(**noisy_inputs)
+            # The clean pass: the parent's loss (and outputs, unless the head's input is taken
+            # instead: TRL would recompute its logits for them).
+            outputs = parent(
+                model, inputs, return_outputs=return_outputs or reg.head is None, **extra
+            )
+            task.append(outputs[0] if isinstance(outputs, tuple) else outputs)
+            return outputs[1] if isinstance(outputs, tuple) else None
 
         outputs, penalty = reg.pair(forward, mask=mask, **noise)
         self._rapt_penalties.append(penalty.detach())  # logged as computed, never divided
