@@ -134,6 +134,11 @@ class Zero3Runner(Runner):
             os.environ.setdefault(name, value)
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", "29511")
+        if self.device.type == "cpu":  # plain gloo: no shared-memory op to compile (minutes)
+            from deepspeed.accelerator import get_accelerator
+
+            shm = get_accelerator().create_op_builder("ShareMemCommBuilder")
+            deepspeed.ops.__compatible_ops__[shm.NAME] = False
         deepspeed.init_distributed(dist_backend="gloo" if self.device.type == "cpu" else None)
         config = {
             "train_micro_batch_size_per_gpu": len(self.labels),

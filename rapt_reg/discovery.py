@@ -33,19 +33,15 @@ class BlockStack:
     """The blocks noise can be added after, in the order they run.
 
     Attributes:
-        path: Dotted path of the container in the (unwrapped) model, or ``""`` for a list
-            given by hand.
+        path: Dotted path of the container in the (unwrapped) model (``""``: a list by hand).
         names: Dotted path of each block.
-        blocks: The block modules. One module may appear once yet run several times per
-            forward (ALBERT's shared layer, a looped stack): layers are counted by call, not
-            by module.
-        calls_per_forward: How many block calls the last noisy forward made: counted on the
-            forward that ran, never taken from a config (None before the first one).
-        batch_dim: The dimension of the hidden states that indexes examples: from a
-            ``batch_first`` attribute in the block (1 for ``nn.TransformerEncoderLayer`` with
-            ``batch_first=False``), or given as ``batch_dim=``; None when neither says, until
-            the first noisy pass decides (see :func:`rapt_reg.hooks.infer_batch_dim`; 0 when
-            nothing tells).
+        blocks: The block modules; one may run several times a forward (ALBERT's shared
+            layer, a looped stack): layers are counted by call.
+        calls_per_forward: Block calls the last noisy forward made, counted as they ran,
+            never read from a config (None before the first).
+        batch_dim: The hidden states' dimension that indexes examples: a ``batch_first``
+            attribute's, or ``batch_dim=``; None until the first noisy pass decides
+            (:func:`rapt_reg.hooks.infer_batch_dim`, 0 when nothing tells).
     """
 
     path: str
@@ -200,20 +196,17 @@ def find_transformer_blocks(
     """The stack of transformer blocks of ``model``, in the order they run.
 
     Args:
-        model: Any ``nn.Module``; DDP, FSDP, ``torch.compile`` and PEFT wrappers are seen
-            through.
+        model: Any ``nn.Module`` (DDP, FSDP, DeepSpeed, ``torch.compile`` and PEFT wrappers
+            are seen through).
         prefer: Part of a dotted path that wins when several stacks exist; ``"auto"``: a
             multimodal generative model's text decoder (LLaVA, PaliGemma, Qwen2-VL...), else
             an encoder-decoder's encoder (``prefer="encoder"`` on LLaVA is its vision tower).
-        blocks: Override: a dotted path to the container (or to one block), or a list of
-            modules or paths.
-
-    Returns:
-        The :class:`BlockStack`.
+        blocks: Override: a dotted path to the container (or one block), or a list of modules
+            or paths.
 
     Raises:
-        BlockDiscoveryError: if nothing is found, or several stacks remain (the message lists
-            them and names ``blocks=``).
+        BlockDiscoveryError: if nothing is found, or several stacks remain (listed, with the
+            fix ``blocks=``).
 
     Example:
         >>> layer = nn.TransformerEncoderLayer(8, 2, batch_first=True)

@@ -5,20 +5,22 @@ a user passes) are the formulas as written: ``(noisy, clean) -> [...]``, reducin
 dimension of ``[..., C]`` logits. :func:`reduce_divergence` averages one over the positions a
 mask keeps, in float32 at least and with autocast off, chunk by chunk: in backward it
 recomputes each chunk and lets autograd differentiate it, so ``[batch, seq, vocab]`` logits are
-never copied whole in float32 nor held again for backward. Given a :class:`Head`, it makes each
-chunk's logits from the last hidden states itself: the noisy pass's logits are never built.
+never copied whole in float32 nor held again for backward. Given a head
+(:class:`rapt_reg.head.Head`), it makes each chunk's logits from the last hidden states itself.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Any, Callable, Optional, Union
+from typing import TYPE_CHECKING, Any, Callable, Optional, Union
 
 import torch
 import torch.nn.functional as F
 
 from .errors import RaptRegError
+
+if TYPE_CHECKING:
+    from .head import Head
 
 Divergence = Callable[..., torch.Tensor]
 
@@ -71,28 +73,6 @@ def resolve(divergence: Union[str, Divergence]) -> Divergence:
             "callable (noisy_logits, clean_logits) -> per-position values of shape [...]"
         )
     return DIVERGENCES[divergence]
-
-
-@dataclass(frozen=True)
-class Head:
-    """The output layer making logits ``[..., V]`` from last hidden states ``[..., H]``:
-    ``softcap * tanh(scale * (h @ weight.T + bias) / softcap)`` (no tanh without ``softcap``),
-    as Cohere (``logit_scale``), Granite (``1 / logits_scaling``) and Gemma 2
-    (``final_logit_softcapping``) apply them."""
-
-    weight: torch.Tensor
-    bias: Optional[torch.Tensor] = None
-    scale: float = 1.0
-    softcap: Optional[float] = None
-
-    def params(self) -> tuple[torch.Tensor, ...]:
-        return (self.weight,) if self.bias is None else (self.weight, self.bias)
-
-    def logits(self, hidden: torch.Tensor, *params: torch.Tensor) -> torch.Tensor:
-        """The logits of ``hidden`` in float32 at least, ``params`` standing for the weights."""
-        logits = F.linear(hidden, *params).to(torch.promote_types(hidden.dtype, torch.float32))
-        logits = logits * self.scale if self.scale != 1.0 else logits
-        return logits if self.softcap is None else torch.tanh(logits / self.softcap) * self.softcap
 
 
 def check_outputs(noisy: torch.Tensor, clean: torch.Tensor, head: Optional[Head] = None,

@@ -3,24 +3,47 @@
 Large-vocabulary language models spend most of a step's memory on ``[batch, seq, vocab]``
 logits. With ``head=``, the noisy pass's head is handed no positions (:class:`HeadHook`), and
 the divergence is made chunk by chunk from the head's input in both passes and the head's
-weight (:class:`rapt_reg.divergence.Head`, :func:`rapt_reg.divergence.reduce_divergence`).
+weight (:class:`Head`, :func:`rapt_reg.divergence.reduce_divergence`).
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any, Optional, Union
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .discovery import unwrap_model
-from .divergence import Head
 from .errors import RaptRegError
 from .hooks import input_key, output_hidden, with_input
 
 HeadSpec = Union[None, str, nn.Module]
+
+
+@dataclass(frozen=True)
+class Head:
+    """The output layer making logits ``[..., V]`` from last hidden states ``[..., H]``:
+    ``softcap * tanh(scale * (h @ weight.T + bias) / softcap)`` (no tanh without ``softcap``),
+    as Cohere (``logit_scale``), Granite (``1 / logits_scaling``) and Gemma 2
+    (``final_logit_softcapping``) apply them."""
+
+    weight: torch.Tensor
+    bias: Optional[torch.Tensor] = None
+    scale: float = 1.0
+    softcap: Optional[float] = None
+
+    def params(self) -> tuple[torch.Tensor, ...]:
+        return (self.weight,) if self.bias is None else (self.weight, self.bias)
+
+    def logits(self, hidden: torch.Tensor, *params: torch.Tensor) -> torch.Tensor:
+        """The logits of ``hidden`` in float32 at least, ``params`` standing for the weights."""
+        logits = F.linear(hidden, *params).to(torch.promote_types(hidden.dtype, torch.float32))
+        logits = logits * self.scale if self.scale != 1.0 else logits
+        return logits if self.softcap is None else torch.tanh(logits / self.softcap) * self.softcap
 
 
 def find_head(model: nn.Module, head: HeadSpec) -> Optional[tuple[Any, ...]]:

@@ -9,9 +9,8 @@ it re-seeds the same way and, at the call that added the noise, adds the same no
 seed already live, a recorded state found by another module or hook, or a call replayed twice
 in one backward is refused with a :class:`~rapt_reg.RaptRegError`.
 
-A frame lives exactly as long as its pass's autograd graph (:func:`carry`); so do its records.
-Only the CPU generator carries the identity (a checkpoint restores it on every device type);
-the accelerators' generators are seeded once per pass, so their dropout replays as usual.
+A frame lives exactly as long as its pass's autograd graph (:func:`carry`), and so do its
+records. The CPU generator carries the identity (checkpoints restore it on every device type).
 """
 
 from __future__ import annotations
@@ -85,16 +84,10 @@ def _reseed(seed: int, number: int) -> None:
 
 @contextlib.contextmanager
 def stream(frame: Frame, devices: Iterable[torch.device] = ()) -> Iterator[Frame]:
-    """Run a pass on an RNG stream of its own, seeded with ``frame.seed``; restore the global RNG.
-
-    The CPU generator and ``devices``' default generators are forked, seeded and restored on
-    exit, so the pass consumes nothing from them.
-
-    Raises:
-        RaptRegError: if a live frame of an installed regularizer on a model sharing modules
-            with this one holds the same seed (two regularizers built from the same seed, both
-            with a noisy graph alive), or the parameters are on several accelerator types.
-    """
+    """Run a pass on an RNG stream of its own, seeded with ``frame.seed``: the CPU's and
+    ``devices``' generators are forked, seeded and restored on exit. Refused when a live frame
+    of an installed regularizer on a model sharing modules holds the same seed (two
+    regularizers built from one seed, both graphs alive), or on two accelerator types."""
     accelerators = sorted({d for d in devices if d.type != "cpu"}, key=str)
     kinds = {d.type for d in accelerators}
     if len(kinds) > 1:
@@ -186,11 +179,8 @@ class _Carry(torch.autograd.Function):
 
 
 def carry(x: torch.Tensor, holder: Any) -> torch.Tensor:
-    """``x``, with ``holder`` alive exactly as long as ``x``'s autograd graph.
-
-    ``holder.filter(grad)`` is applied to the gradient that flows back through this use of
-    ``x``. A tensor without a graph is returned as it is.
-    """
+    """``x``, with ``holder`` alive exactly as long as ``x``'s autograd graph, the gradient
+    through it passed through ``holder.filter``; a tensor without a graph is returned as is."""
     if holder is None or not x.requires_grad or not torch.is_grad_enabled():
         return x
     return _Carry.apply(x, holder)

@@ -23,8 +23,7 @@ from models import Block, penalty_step
 from torch import nn
 from torch.utils.checkpoint import checkpoint, checkpoint_sequential
 
-from rapt_reg import RandomPerturbationRegularizer, RaptRegError
-from rapt_reg import replay
+from rapt_reg import RandomPerturbationRegularizer, RaptRegError, replay
 from rapt_reg.replay import carry
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -257,8 +256,9 @@ def test_a_seed_live_on_a_model_sharing_modules_is_refused():
     live = _frame(11, Installed(), model)
     with replay.stream(live):
         pass
-    with pytest.raises(RaptRegError, match="same noise-stream seed"), replay.stream(
-        _frame(11, Installed(), nn.Sequential(model[0]))
+    with (
+        pytest.raises(RaptRegError, match="same noise-stream seed"),
+        replay.stream(_frame(11, Installed(), nn.Sequential(model[0]))),
     ):
         pass
     with replay.stream(_frame(11, Installed(), nn.Linear(2, 2))):  # another model

@@ -14,13 +14,14 @@ from torch import nn
 import rapt_reg
 from rapt_reg import divergence as div
 from rapt_reg.baselines import R3FRegularizer, SmartRegularizer
+from rapt_reg.head import Head
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 TOLERANCE = {torch.float64: 1e-9, torch.float32: 1e-6}
 
 
-def _plain(fn, noisy_h, clean, head: div.Head, mask, clean_is_hidden):
+def _plain(fn, noisy_h, clean, head: Head, mask, clean_is_hidden):
     """The formula on whole tensors: full logits, the mean over the kept positions."""
 
     def logits(h: torch.Tensor) -> torch.Tensor:
@@ -70,7 +71,7 @@ def test_head_aware_divergence_equals_the_plain_formula(
     if masking != "none":
         mask = torch.rand(leading, generator=gen) < (0.6 if masking == "random" else 0.0)
     tensors = [t.requires_grad_() for t in (noisy, clean, weight, *([b] if bias else []))]
-    head = div.Head(weight, b, scale, softcap)
+    head = Head(weight, b, scale, softcap)
     fn = div.resolve(name)
     reference = _plain(fn, noisy, clean, head, mask, clean_is_hidden)
     expected = torch.autograd.grad(reference, tensors, allow_unused=True)
@@ -292,7 +293,7 @@ def test_a_fused_loss_that_makes_no_logits_gets_the_same_penalty(tied):
         )
         calls = iter([batch, noisy_batch])  # the clean pass computes the loss, the noisy one not
         out, penalty = reg.pair(
-            lambda m=model: m(**next(calls)), mask=batch["attention_mask"].bool()
+            lambda m=model, c=calls: m(**next(c)), mask=batch["attention_mask"].bool()
         )
         penalty.backward()  # (transformers computes Llama's own loss in float32: left out)
         results.append((out, penalty.detach(), {n: p.grad for n, p in model.named_parameters()}))

@@ -449,7 +449,7 @@ CALL_CASES: dict[str, tuple[Callable[[], nn.Module], Callable[[nn.Module], Calla
                 rapt_reg.divergence.sym_kl,
                 torch.zeros(2, 3),
                 torch.zeros(2, 3),
-                head=rapt_reg.divergence.Head(torch.zeros(5, 4)),
+                head=rapt_reg.head.Head(torch.zeros(5, 4)),
                 clean_is_hidden=True,
             ),
         ),
