@@ -26,7 +26,7 @@ import sys
 import tempfile
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import pytest
 import torch
@@ -812,6 +812,23 @@ def _first_non_ascii_line(text):
     return None
 
 
+@dataclass
+class TableSpec:
+    """A generated table: its kind, rows, layout, encodings, and the damage done to row ``at``."""
+
+    kind: str  # csv, tsv or jsonl
+    label_kind: str  # a key of CLASSES
+    labels: list[Any]
+    texts: list[str]
+    text_name: str
+    label_name: str
+    order: list[str]  # the columns, in file order
+    encoding: str  # written in
+    declared: str  # read with (--encoding)
+    damage: Optional[str]
+    at: int
+
+
 @st.composite
 def tables(draw):
     kind = draw(st.sampled_from(["csv", "tsv", "jsonl"]))
@@ -869,7 +886,7 @@ def tables(draw):
         texts[at] = " ".join(draw(st.lists(st.sampled_from(WORDS), min_size=2, max_size=3)))
     if damage == "long-field":
         texts[at] = " ".join(["word"] * 30_000)  # 150,000 characters
-    return (
+    return TableSpec(
         kind,
         label_kind,
         labels,
@@ -884,20 +901,17 @@ def tables(draw):
     )
 
 
-def _build_table(root: Path, drawn) -> Generated:
-    (
-        kind,
-        label_kind,
-        labels,
-        texts,
-        text_name,
-        label_name,
-        order,
-        encoding,
-        declared,
-        damage,
-        at,
-    ) = drawn
+def _build_table(root: Path, spec: TableSpec) -> Generated:
+    kind, labels, texts, order, damage, at = (
+        spec.kind,
+        spec.labels,
+        list(spec.texts),
+        spec.order,
+        spec.damage,
+        spec.at,
+    )
+    text_name, label_name = spec.text_name, spec.label_name
+    encoding, declared = spec.encoding, spec.declared
     suffix = {"csv": ".csv", "tsv": ".tsv", "jsonl": ".jsonl"}[kind]
     name = "data" + (".xlsx" if damage == "bad-ending" else suffix)
     path = root / name
@@ -1181,11 +1195,11 @@ def _check_generated(gen: Generated, model: str, root: Path):
 
 @pytest.mark.promise("compare-refusals", "compare-reads-formats")
 @settings(max_examples=180, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(drawn=tables())
-def test_generated_tables_are_read_exactly_or_refused_before_anything_is_written(tiny, drawn):
+@given(spec=tables())
+def test_generated_tables_are_read_exactly_or_refused_before_anything_is_written(tiny, spec):
     with tempfile.TemporaryDirectory() as folder:
         root = Path(folder)
-        _check_generated(_build_table(root, drawn), tiny["model"], root)
+        _check_generated(_build_table(root, spec), tiny["model"], root)
 
 
 @pytest.mark.promise("compare-refusals", "compare-reads-formats")
@@ -1198,20 +1212,11 @@ def test_generated_folders_are_read_exactly_or_refused_before_anything_is_writte
 
 
 GOOD_ONES = {
-    "csv-bom-ints-extra-column": (
+    "csv-bom-ints-extra-column": TableSpec(
         "csv",
         "ints",
         [1, 2] * 4,
-        [
-            "good film",
-            "bad, plot",
-            'say "hi" café',
-            "two\nlines",
-            "fine",
-            "nice actor",
-            "£5 movie",
-            "sad",
-        ],
+        ["good film", "bad, plot", 'say "hi" café', "two\nlines", "fine", "nice", "£5", "sad"],
         "text",
         "label",
         ["id", "label", "text"],
@@ -1220,7 +1225,7 @@ GOOD_ONES = {
         None,
         0,
     ),
-    "jsonl-bools-utf16": (
+    "jsonl-bools-utf16": TableSpec(
         "jsonl",
         "bools",
         [True, False] * 4,
@@ -1233,7 +1238,7 @@ GOOD_ONES = {
         None,
         0,
     ),
-    "tsv-cp1252-names": (
+    "tsv-cp1252-names": TableSpec(
         "tsv",
         "names",
         ["pos", "neg", "meh"] * 3,
@@ -1302,6 +1307,24 @@ def test_test_file_with_train_per_class_scores_exactly_the_test_rows(tiny, tmp_p
     assert payload["heldout"]["0"] == [f"test.csv:{line}" for line in range(2, 62)]
     assert payload["heldout_class_counts"] == {"meh": 20, "neg": 20, "pos": 20}
     assert "seed 0 (1/1): 9 training examples, 60 held out" in capsys.readouterr().out
+
+
+@pytest.mark.promise("compare-refusals")
+def test_test_file_equal_to_data_and_out_inside_data_are_refused(tiny, tmp_path, capsys):
+    copy = shutil.copy(tiny["data"], tmp_path / "copy.csv")
+    err = _refused(tiny, tmp_path, capsys, "--test", str(copy))
+    assert "holds the same data as --data" in err
+    folder = tmp_path / "folder"
+    for cls in SIGNAL:
+        (folder / cls).mkdir(parents=True)
+        for i in range(3):
+            (folder / cls / f"{i}.txt").write_text(f"{SIGNAL[cls]} film {i}")
+    err = _refused(tiny, tmp_path, capsys, data=folder, out=folder / "out")
+    assert f"--out {folder / 'out'} is inside the data folder" in err
+    test = _write_csv(tmp_path / "t.csv", _rows(6) + [("a new text", "pos")])
+    argv = _args(tiny, tmp_path / "out", "--test", str(test), "--seeds", "1")
+    assert cli.main(argv) == 0
+    assert f"{test}: 6 of its 7 texts are also in {tiny['data']}" in capsys.readouterr().out
 
 
 @pytest.mark.promise("compare-splits")

@@ -300,10 +300,30 @@ def preflight(config: CompareConfig) -> Plan:
     config.check()
     out = Path(config.out)
     _check_out(out)
+    data = Path(str(config.data))
+    if data.is_dir() and data.resolve() in out.resolve().parents:
+        raise RaptRegError(
+            f"--out {out} is inside the data folder {data}: the next run would read it as a "
+            "class; name a folder outside it"
+        )
     json_path = out / "results.json"
     found, runs, unreadable = _read_saved(json_path)
     prepared = prepare_data(config)
     notes = []
+    if prepared.test is not None:
+        if textdata.digest(data) == textdata.digest(Path(str(config.test))):
+            raise RaptRegError(
+                f"--test {config.test} holds the same data as --data {data}: the held-out "
+                "score would be a training score; pass a separate test file, or leave --test "
+                "out to split --data"
+            )
+        seen = set(prepared.train.texts)
+        shared = sum(text in seen for text in prepared.test.texts)
+        if shared:
+            notes.append(
+                f"{config.test}: {shared} of its {len(prepared.test)} texts are also in "
+                f"{data}; the held-out accuracy counts them"
+            )
     for corpus in filter(None, (prepared.train, prepared.test)):
         if corpus.skipped:
             notes.append(

@@ -536,17 +536,18 @@ def read_corpus(
 
 
 def digest(path: Path) -> str:
-    """SHA-256 of a file, or of the files a folder is read from and their names."""
+    """SHA-256 of a file's bytes, or of the files a folder is read from, with their names
+    relative to it (the class folders' names are part of the data): the data's identity,
+    wherever it lies and whatever the file is called."""
     path = Path(path)
+    if path.is_file():
+        return hashlib.sha256(path.read_bytes()).hexdigest()
     sha = hashlib.sha256()
-    if path.is_dir():
-        classes, _ = _folder_files(path)
-        files = [(f"{name}/{f.name}", f) for name, found in classes.items() for f in found]
-    else:
-        files = [(path.name, path)]
-    for name, file in files:
-        sha.update(name.encode())
-        sha.update(file.read_bytes())
+    classes, _ = _folder_files(path)
+    for name, found in classes.items():
+        for file in found:
+            sha.update(f"{name}/{file.name}".encode())
+            sha.update(file.read_bytes())
     return sha.hexdigest()
 
 

@@ -662,6 +662,9 @@ def sweep_figure(
             label = METHODS[v.method] + (f" ({shown})" if shown else "")
             lines.setdefault((v.method, label), []).append(v)
     fig, ax = plt.subplots(figsize=(7, 4.2))
+    reach = [abs(100 * x) for p in pairs.values() for x in (p.delta, *p.ci95) if not math.isnan(x)]
+    half = max([1.0, *reach]) * 1.15  # symmetric about 0, at least ±1 point
+    ax.set_ylim(-half, half)
     width = 0.25 / max(1, len(lines))
     for i, ((_, label), members) in enumerate(lines.items()):
         members.sort(key=lambda v: dict(v.swept)[axis_name])
