@@ -435,7 +435,7 @@ def _markdown(
         f"Δ is the method's accuracy minus {reference}'s in the same seed, with Student's 95% "
         "t-interval over seeds and the exact sign-flip test's p-value; a method is called "
         f"better or worse only at {report.MIN_SEEDS} or more seeds, with the interval on one "
-        "side of 0 and p < 0.05. The majority-class row always predicts the training split's "
+        "side of 0 and p < 0.05. The majority-class row always predicts the held-out examples' "
         f"most common class. Wall time of the last invocation {extra['wall_seconds']:.0f} s.\n\n"
         f"Command: `{extra['command']}`\n"
     )

@@ -379,6 +379,12 @@ def verdict(row: MethodSummary, reference: str = "Standard") -> str:
     )
     if p.decided:
         return f"{figures}: {'better' if p.decided > 0 else 'worse'} than {ref} at {n} seeds."
+    low_, high_ = p.ci95
+    if n >= MIN_SEEDS and (low_ > 0 or high_ < 0):
+        return (
+            f"{figures}: not distinguishable from {ref} at {n} seeds (the interval excludes 0 "
+            f"but the sign-flip test does not agree, p = {p.p_value:.2f}); more seeds would tell."
+        )
     if p.needed is None:
         more = (
             "the mean difference is 0, so more seeds would only narrow the interval around it"
@@ -389,9 +395,7 @@ def verdict(row: MethodSummary, reference: str = "Standard") -> str:
         more = f"at this spread about {p.needed} seeds would tell a difference this size"
     if n < MIN_SEEDS:
         return f"{figures}: too few seeds to tell ({n}; a verdict needs {MIN_SEEDS}); {more}."
-    side = low > 0 or high < 0
-    why = f" (the sign-flip test disagrees, p = {p.p_value:.2f})" if side else ""
-    return f"{figures}: not distinguishable from {ref} at {n} seeds{why}; {more}."
+    return f"{figures}: not distinguishable from {ref} at {n} seeds; {more}."
 
 
 def single_class_warnings(
