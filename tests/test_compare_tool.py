@@ -30,7 +30,7 @@ from typing import Any, Optional
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 import rapt_reg
@@ -1176,11 +1176,13 @@ def _check_generated(gen: Generated, model: str, root: Path):
         plan = cli.preflight(config)
     except RaptRegError as error:
         message = str(error)
+        event("refused")
         assert gen.refusal, f"refused a good input: {message}"
         assert "\n" not in message
         for pattern in gen.refusal:
             assert re.search(pattern, message), (pattern, message)
     else:
+        event("read")
         assert not gen.refusal, f"accepted what must be refused ({gen.refusal})"
         corpus = plan.prepared.train
         got = list(zip(corpus.sources, corpus.texts, corpus.labels))
