@@ -189,7 +189,7 @@ def test_quick_fills_only_sizes_not_given():
 @pytest.mark.promise("demo-refusals")
 def test_bad_layers_are_refused(capsys):
     assert demo.main(["--min-layer", "3", "--max-layer", "1", "--out", "never-written"]) == 2
-    assert "min_layer <= max_layer" in capsys.readouterr().err
+    assert "--min-layer 3 is above --max-layer 1" in capsys.readouterr().err
     assert not os.path.exists("never-written")
 
 

@@ -9,15 +9,17 @@ dropout random stream, so its result does not depend on which other methods run.
 from __future__ import annotations
 
 import copy
+import itertools
 import math
 import random
 import statistics
 import time
+from collections import Counter
 from collections.abc import Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -30,9 +32,12 @@ from rapt_reg.errors import RaptRegError
 __all__ = [
     "METHODS",
     "CompareConfig",
+    "LoadedModel",
     "Prepared",
     "RunResult",
+    "Variant",
     "load_model",
+    "majority_baseline",
     "prepare_data",
     "run_comparison",
 ]
@@ -46,6 +51,55 @@ METHODS = {
     "r3f": "R3F",
 }
 
+#: Which of the swept settings (``eta``, ``max_layer``, ``alpha``) each method takes.
+SWEEPS = {
+    "standard": (),
+    "rapt": ("eta", "max_layer", "alpha"),
+    "rapt-embedding": ("eta", "alpha"),
+    "smart": ("alpha",),
+    "r3f": ("alpha",),
+}
+
+#: Without ``test`` or ``train_per_class``: the share of each class held out.
+DEFAULT_TEST_FRACTION = 0.2
+
+Number = Union[int, float]
+
+
+def _values(value: Any) -> tuple[Number, ...]:
+    """A setting that may be swept, as the tuple of its values."""
+    return tuple(value) if isinstance(value, (tuple, list)) else (value,)
+
+
+def _shown(value: Number) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One method with one setting of the swept values: one column of the comparison.
+
+    Attributes:
+        name: ``"rapt"``, or with swept settings ``"rapt[eta=1,max_layer=2]"``: the key in
+            ``results.json``.
+        label: For tables and plots, e.g. ``"RAPT (η=1, max_layer=2)"``.
+        method: Name from :data:`METHODS`.
+        eta: RAPT's noise size.
+        max_layer: RAPT's highest layer (0: the embedding output only, the paper's "embed").
+        min_layer: RAPT's lowest layer.
+        alpha: Weight of the regulariser.
+        swept: The settings that vary between the variants of this method, by name.
+    """
+
+    name: str
+    label: str
+    method: str
+    eta: float
+    max_layer: int
+    min_layer: int
+    alpha: float
+    swept: tuple[tuple[str, Number], ...] = ()
+
 
 @dataclass(frozen=True)
 class CompareConfig:
@@ -55,7 +109,8 @@ class CompareConfig:
         data: A CSV, TSV or JSON Lines file, or a folder with one sub-folder of ``.txt`` files
             per class.
         test: An optional held-out file of the same kind; without it each seed splits
-            ``data`` itself.
+            ``data`` itself. With it, every training example comes from ``data`` and every
+            held-out one from ``test``.
         text_column: Column (or JSON key) of the text in a table.
         label_column: Column (or JSON key) of the label in a table.
         encoding: Encoding of the data files.
@@ -65,8 +120,10 @@ class CompareConfig:
         seeds: One full comparison per seed (split, head initialisation, batch order, noise).
         methods: Names from :data:`METHODS`, in the order they are reported.
         steps: Optimiser steps per method.
-        train_per_class: Few-shot: draw this many training examples per class.
-        test_fraction: Without ``test`` or ``train_per_class``: share of each class held out.
+        train_per_class: Few-shot: draw this many training examples per class (from
+            ``data`` only).
+        test_fraction: Without ``test`` or ``train_per_class``: share of each class held out;
+            ``None`` holds out :data:`DEFAULT_TEST_FRACTION`.
         eval_size: Keep only this many held-out examples (seeded draw); ``None`` keeps all.
         batch_size: Training batch size.
         eval_batch_size: Batch size of the evaluation passes.
@@ -75,10 +132,12 @@ class CompareConfig:
             linear decay to zero).
         warmup: Fraction of the steps spent warming up.
         weight_decay: AdamW weight decay.
-        eta: RAPT noise size (inf-norm of each example's noise).
-        max_layer: Highest layer RAPT may perturb (0 = embedding output).
-        min_layer: Lowest layer RAPT may perturb.
-        alpha: Weight of the regulariser, for every method that has one.
+        eta: RAPT noise size (inf-norm of each example's noise); a tuple sweeps it (one RAPT
+            per value).
+        max_layer: Highest layer RAPT may perturb (0 = embedding output only); a tuple
+            sweeps it.
+        min_layer: Lowest layer RAPT may perturb (when ``max_layer`` is above 0).
+        alpha: Weight of the regulariser, for every method that has one; a tuple sweeps it.
         perturb: Also evaluate on a seeded, perturbed copy of the held-out text:
             ``"typos"``, ``"word-dropout"`` or ``None``.
         perturb_rate: Probability per word of that perturbation.
@@ -100,7 +159,7 @@ class CompareConfig:
     methods: tuple[str, ...] = ("standard", "rapt")
     steps: int = 40
     train_per_class: Optional[int] = None
-    test_fraction: float = 0.2
+    test_fraction: Optional[float] = None
     eval_size: Optional[int] = None
     batch_size: int = 16
     eval_batch_size: int = 64
@@ -108,10 +167,10 @@ class CompareConfig:
     lr: float = 1e-4
     warmup: float = 0.1
     weight_decay: float = 0.01
-    eta: float = 2.0
-    max_layer: int = 3
+    eta: Union[float, tuple[float, ...]] = 2.0
+    max_layer: Union[int, tuple[int, ...]] = 3
     min_layer: int = 1
-    alpha: float = 1.0
+    alpha: Union[float, tuple[float, ...]] = 1.0
     perturb: Optional[str] = None
     perturb_rate: float = 0.2
     model: Optional[str] = None
@@ -123,30 +182,148 @@ class CompareConfig:
         """Refuse settings that cannot run, before anything is read or trained.
 
         Raises:
-            RaptRegError: Naming the setting and what it accepts.
+            RaptRegError: Naming the option (``--lr``, ...) and what it accepts.
         """
         if self.data is None:
             raise RaptRegError("no data: pass --data FILE_OR_FOLDER")
+        if not self.methods:
+            raise RaptRegError(f"--methods: none given; choose from {', '.join(METHODS)}")
         unknown = [m for m in self.methods if m not in METHODS]
         if unknown:
-            raise RaptRegError(f"unknown method {unknown[0]!r}; choose from {', '.join(METHODS)}")
-        if not self.methods:
-            raise RaptRegError(f"no method given; choose from {', '.join(METHODS)}")
+            raise RaptRegError(
+                f"--methods: unknown method {unknown[0]!r}; choose from {', '.join(METHODS)}"
+            )
         if not self.seeds:
-            raise RaptRegError("no seed given")
+            raise RaptRegError("--seeds: no seed given")
+        negative = [s for s in self.seeds if isinstance(s, bool) or not isinstance(s, int) or s < 0]
+        if negative:
+            raise RaptRegError(f"--seed {negative[0]}: seeds are integers >= 0")
         if self.perturb is not None and self.perturb not in textdata.PERTURBATIONS:
             raise RaptRegError(
-                f"unknown perturbation {self.perturb!r}; choose from {textdata.PERTURBATIONS}"
+                f"--perturb {self.perturb}: unknown; choose from "
+                f"{', '.join(textdata.PERTURBATIONS)} or none"
             )
-        if not 0 <= self.min_layer <= self.max_layer:
+        if self.text_column == self.label_column:
             raise RaptRegError(
-                f"need 0 <= min_layer <= max_layer, got {self.min_layer} and {self.max_layer}"
+                f"--text-column and --label-column both name {self.text_column!r}: the label "
+                "would be part of the input; name the text column and the label column"
             )
-        if not 0.0 <= self.perturb_rate <= 1.0:
-            raise RaptRegError(f"perturb_rate must be in [0, 1], got {self.perturb_rate}")
-        for name in ("steps", "batch_size", "eval_batch_size", "max_length", "lr", "eta"):
-            if not getattr(self, name) > 0:
-                raise RaptRegError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.test is not None and self.test_fraction is not None:
+            raise RaptRegError(
+                "--test-fraction splits --data when there is no --test; with --test FILE every "
+                "row of FILE is held out (use --eval-size N to score a seeded draw of N of them)"
+            )
+        positive = {
+            "steps": self.steps,
+            "batch_size": self.batch_size,
+            "eval_batch_size": self.eval_batch_size,
+            "max_length": self.max_length,
+            "lr": self.lr,
+            "train_per_class": self.train_per_class,
+            "eval_size": self.eval_size,
+            "threads": self.threads,
+        }
+        for name, value in positive.items():
+            if value is not None:
+                _check_number(name, value, low=0, open_low=True)
+        for value in _values(self.eta):
+            _check_number("eta", value, low=0, open_low=True)
+        for value in _values(self.alpha):
+            _check_number("alpha", value, low=0, open_low=True)
+        for name, value in (("warmup", self.warmup), ("perturb_rate", self.perturb_rate)):
+            _check_number(name, value, low=0, high=1)
+        _check_number("weight_decay", self.weight_decay, low=0)
+        if self.test_fraction is not None:
+            _check_number("test_fraction", self.test_fraction, low=0, high=1, open_low=True)
+            if self.test_fraction >= 1:
+                raise RaptRegError(f"--test-fraction {self.test_fraction:g}: must be below 1")
+        layers = _values(self.max_layer)
+        for name, values in (("max_layer", layers), ("min_layer", (self.min_layer,))):
+            for value in values:
+                if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                    raise RaptRegError(f"--{_flag(name)} {value}: must be an integer >= 0")
+        for name, values in (
+            ("eta", _values(self.eta)),
+            ("max_layer", layers),
+            ("alpha", _values(self.alpha)),
+        ):
+            repeated = [v for v in set(values) if values.count(v) > 1]
+            if repeated:
+                raise RaptRegError(
+                    f"--{_flag(name)}: {_shown(repeated[0])} is listed twice; list each value once"
+                )
+        too_low = [m for m in layers if 0 < m < self.min_layer]
+        if too_low:
+            raise RaptRegError(
+                f"--min-layer {self.min_layer} is above --max-layer {too_low[0]}; lower "
+                "--min-layer (--max-layer 0 alone perturbs the embedding output)"
+            )
+
+    def variants(self) -> list[Variant]:
+        """One :class:`Variant` per method and setting of the swept values, in method order.
+
+        ``eta`` sweeps RAPT and RAPT (Embedding), ``max_layer`` sweeps RAPT, ``alpha`` every
+        method with a regulariser; a setting with one value sweeps nothing. A ``max_layer`` of
+        0 perturbs the embedding output only (``min_layer`` 0 too), as the paper's "embed".
+        """
+        given = {
+            "eta": _values(self.eta),
+            "max_layer": _values(self.max_layer),
+            "alpha": _values(self.alpha),
+        }
+        out = []
+        for method in self.methods:
+            swept = {k: given[k] for k in SWEEPS[method] if len(given[k]) > 1}
+            for combo in itertools.product(*swept.values()):
+                chosen = dict(zip(swept, combo))
+                eta = float(chosen.get("eta", given["eta"][0]))
+                alpha = float(chosen.get("alpha", given["alpha"][0]))
+                top = int(chosen.get("max_layer", given["max_layer"][0]))
+                if method == "rapt-embedding":
+                    top = 0
+                bottom = 0 if top == 0 else self.min_layer
+                name, label = method, METHODS[method]
+                if chosen:
+                    name += "[" + ",".join(f"{k}={_shown(v)}" for k, v in chosen.items()) + "]"
+                    shown = {"eta": "η", "max_layer": "max_layer", "alpha": "α"}
+                    label += (
+                        " ("
+                        + ", ".join(
+                            f"{shown[k]}={'embed' if k == 'max_layer' and v == 0 else _shown(v)}"
+                            for k, v in chosen.items()
+                        )
+                        + ")"
+                    )
+                out.append(
+                    Variant(name, label, method, eta, top, bottom, alpha, tuple(chosen.items()))
+                )
+        return out
+
+    @property
+    def heldout_fraction(self) -> float:
+        """The share of each class held out by a fraction split."""
+        return DEFAULT_TEST_FRACTION if self.test_fraction is None else self.test_fraction
+
+
+def _flag(name: str) -> str:
+    return name.replace("_", "-")
+
+
+def _check_number(
+    name: str, value: Number, low: float, high: float = math.inf, open_low: bool = False
+) -> None:
+    ok = (
+        not isinstance(value, bool)
+        and isinstance(value, (int, float))
+        and math.isfinite(value)
+        and (value > low if open_low else value >= low)
+        and value <= high
+    )
+    if not ok:
+        bound = f"above {low:g}" if open_low else f"at least {low:g}"
+        if high != math.inf:
+            bound += f" and at most {high:g}"
+        raise RaptRegError(f"--{_flag(name)} {value}: must be a finite number {bound}")
 
 
 @dataclass
@@ -154,7 +331,7 @@ class RunResult:
     """One method trained and evaluated with one seed.
 
     Attributes:
-        method: Name from :data:`METHODS`.
+        method: The :attr:`Variant.name` (``"standard"``, ``"rapt"``, ``"rapt[eta=1]"``...).
         seed: The seed.
         accuracy: Accuracy on the held-out examples, in ``[0, 1]``.
         macro_f1: Macro-averaged F1 on them (over the classes present in the labels or the
@@ -164,6 +341,8 @@ class RunResult:
             optimiser step).
         losses: Task loss (cross-entropy) at each step.
         penalties: Regulariser value at each step (empty for standard fine-tuning).
+        predicted: How many held-out examples were predicted as each class, in the order of
+            the sorted class names.
     """
 
     method: str
@@ -174,6 +353,7 @@ class RunResult:
     step_times: list[float] = field(default_factory=list)
     losses: list[float] = field(default_factory=list)
     penalties: list[float] = field(default_factory=list)
+    predicted: list[int] = field(default_factory=list)
 
     @property
     def median_step_time(self) -> float:
@@ -208,43 +388,71 @@ class Prepared:
 def prepare_data(config: CompareConfig) -> Prepared:
     """Read and check the data and make every seed's split, so that bad data fails early.
 
+    With ``config.test`` the training examples of every seed come from ``config.data`` (all
+    of it, or ``train_per_class`` per class drawn from it) and the held-out examples from the
+    test file (all of it, or a seeded draw of ``eval_size``).
+
     Raises:
         RaptRegError: For anything wrong with the data; the message names file and line.
     """
     config.check()
 
-    def read(path: str) -> textdata.TextCorpus:
+    def read(path: str, flag: str) -> textdata.TextCorpus:
         return textdata.read_corpus(
             Path(path),
             config.text_column,
             config.label_column,
             config.encoding,
             config.fallback_encoding,
+            flag,
         )
 
-    train = read(str(config.data))
-    test = None if config.test is None else read(config.test)
+    train = read(str(config.data), "--data")
+    test = None if config.test is None else read(config.test, "--test")
     textdata.check_training_classes(train, test)
     splits = {}
     for seed in config.seeds:
-        if config.train_per_class is not None:
-            splits[seed] = textdata.few_shot_split(
-                train.labels,
-                config.train_per_class,
-                seed,
-                config.eval_size,
-                keep_rest=test is None,
-            )
-        elif test is None:
-            splits[seed] = textdata.fraction_split(
-                train.labels, config.test_fraction, seed, config.eval_size
-            )
-        else:
+        if test is not None:
+            training = list(range(len(train)))
+            if config.train_per_class is not None:
+                training = textdata.few_shot_split(
+                    train.labels, config.train_per_class, seed, keep_rest=False
+                )[0]
             heldout = list(range(len(test)))
             if config.eval_size is not None and config.eval_size < len(test):
                 heldout = sorted(random.Random(seed).sample(heldout, config.eval_size))
-            splits[seed] = (list(range(len(train))), heldout)
+            splits[seed] = (training, heldout)
+        elif config.train_per_class is not None:
+            splits[seed] = textdata.few_shot_split(
+                train.labels, config.train_per_class, seed, config.eval_size
+            )
+        else:
+            splits[seed] = textdata.fraction_split(
+                train.labels, config.heldout_fraction, seed, config.eval_size
+            )
     return Prepared(train, test, train.class_names, splits)
+
+
+def majority_baseline(prepared: Prepared) -> dict[int, tuple[float, float]]:
+    """Accuracy and macro-F1 of always predicting the held-out examples' most common class.
+
+    The most any model that predicts one class could score on that seed's held-out examples
+    (ties go to the first class in sorted order): a method near it has learnt little. The
+    training split is no guide here: a few-shot draw has every class equally often.
+
+    Returns:
+        Seed -> ``(accuracy, macro_f1)``.
+    """
+    heldout = prepared.heldout()
+    index = {name: i for i, name in enumerate(prepared.class_names)}
+    out = {}
+    for seed, (_, test_ids) in prepared.splits.items():
+        counts = Counter(heldout.labels[i] for i in test_ids)
+        top = max(prepared.class_names, key=lambda c: (counts[c], -index[c]))
+        gold = torch.tensor([index[heldout.labels[i]] for i in test_ids])
+        guess = torch.full_like(gold, index[top])
+        out[seed] = (accuracy(guess, gold), macro_f1(guess, gold))
+    return out
 
 
 @dataclass
@@ -298,19 +506,38 @@ def _batch_order(n: int, steps: int, batch_size: int, seed: int) -> list[torch.T
 # --------------------------------------------------------------------------- model
 
 
-def load_model(config: CompareConfig, num_labels: int) -> tuple[Any, Callable[[int], nn.Module]]:
-    """Load the tokenizer and check that the model loads, before any training.
+@dataclass(frozen=True)
+class LoadedModel:
+    """The model, loaded once and checked against the settings before any training.
+
+    Attributes:
+        tokenizer: Its tokenizer.
+        load: ``load(seed)`` gives a fresh model whose new head is initialised from ``seed``.
+        path: The folder it was loaded from.
+        depth: How many transformer block calls one forward makes (the deepest layer RAPT
+            can perturb), as :func:`rapt_reg.find_transformer_blocks` finds them.
+    """
+
+    tokenizer: Any
+    load: Callable[[int], nn.Module]
+    path: str
+    depth: int
+
+
+def load_model(config: CompareConfig, num_labels: int) -> LoadedModel:
+    """Load the tokenizer and the model once, and check every method can be built on it.
+
+    Each variant's regularizer is built on the loaded model and removed again, so that a
+    ``max_layer`` beyond the model's depth, or a model whose blocks or embeddings cannot be
+    found, is refused before any training.
 
     Args:
-        config: Its ``model`` folder (or the packaged all-MiniLM-L6-v2).
+        config: Its ``model`` folder (or the packaged all-MiniLM-L6-v2) and its methods.
         num_labels: Classes of the new classification head.
 
-    Returns:
-        ``(tokenizer, load)``: ``load(seed)`` gives a fresh model whose new head is
-        initialised from ``seed``.
-
     Raises:
-        RaptRegError: If the folder is missing or transformers cannot load it offline.
+        RaptRegError: If the folder is missing or transformers cannot load it offline, or a
+            method cannot be built on the model (naming the option to change).
     """
     import transformers
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
@@ -327,8 +554,8 @@ def load_model(config: CompareConfig, num_labels: int) -> tuple[Any, Callable[[i
         path = config.model
         if not Path(path).is_dir():
             raise RaptRegError(
-                f"model folder {path} does not exist; pass a local folder saved with "
-                "save_pretrained (tokenizer included) to --model"
+                f"--model {path}: no such folder; pass a local folder saved with "
+                "save_pretrained (tokenizer included)"
             )
 
     def load(seed: int) -> nn.Module:
@@ -340,39 +567,68 @@ def load_model(config: CompareConfig, num_labels: int) -> tuple[Any, Callable[[i
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-        load(0)
+        model = load(0)
     except Exception as error:  # noqa: BLE001 - any failure to load is the same refusal
         first = str(error).strip().splitlines()[0] if str(error).strip() else ""
         raise RaptRegError(
-            f"model folder {path} does not load with AutoTokenizer and "
+            f"--model {path}: does not load with AutoTokenizer and "
             f"AutoModelForSequenceClassification ({type(error).__name__}: {first}); it needs "
             "config.json, the weights and the tokenizer files, as save_pretrained writes them"
         ) from error
-    return tokenizer, load
+    depth = _check_methods(config, model, path)
+    return LoadedModel(tokenizer, load, path, depth)
+
+
+def _check_methods(config: CompareConfig, model: nn.Module, path: str) -> int:
+    # Build each variant's regularizer on the model and remove it: whatever the constructor
+    # would refuse in the first training step is refused now.
+    variants = [v for v in config.variants() if v.method != "standard"]
+    depth = 0
+    if any(v.method in ("rapt", "rapt-embedding") for v in variants):
+        try:
+            stack = rapt_reg.find_transformer_blocks(model)
+        except RaptRegError as error:
+            raise RaptRegError(f"--model {path}: RAPT cannot find its blocks: {error}") from None
+        depth = stack.calls_per_forward
+        deepest = max(v.max_layer for v in variants)
+        if deepest > depth:
+            raise RaptRegError(
+                f"--max-layer {deepest}: the model in {path} has {depth} transformer blocks "
+                f"({stack.path or stack.names[0]}), so RAPT can perturb layers 0 to {depth}; "
+                f"pass --max-layer {depth} or lower"
+            )
+    for variant in variants:
+        try:
+            _build_regularizer(variant, model, 0).remove()
+        except RaptRegError as error:
+            raise RaptRegError(
+                f"--methods {variant.method}: cannot be built on the model in {path}: {error}"
+            ) from None
+    return depth
 
 
 # --------------------------------------------------------------------------- methods
 
 
-def _build_regularizer(method: str, model: nn.Module, config: CompareConfig, seed: int) -> Any:
-    if method == "standard":
+def _build_regularizer(variant: Variant, model: nn.Module, seed: int) -> Any:
+    if variant.method == "standard":
         return None
     generator = torch.Generator().manual_seed(seed)
-    if method in ("rapt", "rapt-embedding"):
-        embedding = method == "rapt-embedding"  # the paper's "RAPT (Embedding)": layer 0 only
+    if variant.method in ("rapt", "rapt-embedding"):
+        # "rapt-embedding" is the paper's "RAPT (Embedding)": layer 0 only.
         return rapt_reg.RandomPerturbationRegularizer(
             model,
-            eta=config.eta,
-            alpha=config.alpha,
+            eta=variant.eta,
+            alpha=variant.alpha,
             generator=generator,
-            max_layer=0 if embedding else config.max_layer,
-            min_layer=0 if embedding else config.min_layer,
+            max_layer=variant.max_layer,
+            min_layer=variant.min_layer,
         )
-    if method == "smart":
-        return rapt_reg.SmartRegularizer(model, alpha=config.alpha, generator=generator)
-    if method == "r3f":
-        return rapt_reg.R3FRegularizer(model, alpha=config.alpha, generator=generator)
-    raise RaptRegError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+    if variant.method == "smart":
+        return rapt_reg.SmartRegularizer(model, alpha=variant.alpha, generator=generator)
+    if variant.method == "r3f":
+        return rapt_reg.R3FRegularizer(model, alpha=variant.alpha, generator=generator)
+    raise RaptRegError(f"unknown method {variant.method!r}; choose from {', '.join(METHODS)}")
 
 
 def _logits(output: Any) -> torch.Tensor:
@@ -381,7 +637,7 @@ def _logits(output: Any) -> torch.Tensor:
 
 @dataclass
 class _Trainee:
-    method: str
+    variant: Variant
     model: nn.Module
     regularizer: Any
     optimizer: torch.optim.Optimizer
@@ -391,11 +647,11 @@ class _Trainee:
 
 
 def _make_trainee(
-    method: str, base: nn.Module, config: CompareConfig, seed: int, stack: ExitStack
+    variant: Variant, base: nn.Module, config: CompareConfig, seed: int, stack: ExitStack
 ) -> _Trainee:
     model = copy.deepcopy(base)
     model.train()
-    regularizer = _build_regularizer(method, model, config, seed)
+    regularizer = _build_regularizer(variant, model, seed)
     if regularizer is not None:
         stack.callback(regularizer.remove)
     optimizer = torch.optim.AdamW(
@@ -411,13 +667,13 @@ def _make_trainee(
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     torch.manual_seed(seed)
     return _Trainee(
-        method=method,
+        variant=variant,
         model=model,
         regularizer=regularizer,
         optimizer=optimizer,
         scheduler=scheduler,
         rng_state=torch.get_rng_state(),
-        result=RunResult(method=method, seed=seed),
+        result=RunResult(method=variant.name, seed=seed),
     )
 
 
@@ -478,53 +734,67 @@ def macro_f1(predictions: torch.Tensor, labels: torch.Tensor) -> float:
     return statistics.fmean(scores)
 
 
+def _duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
 # --------------------------------------------------------------------------- the comparison
 
 
 def run_comparison(
     config: CompareConfig,
     prepared: Prepared,
-    tokenizer: Any,
-    load: Callable[[int], nn.Module],
+    model: LoadedModel,
     *,
     seeds: Optional[Sequence[int]] = None,
     log: Callable[[str], None] = print,
     on_seed: Optional[Callable[[list[RunResult]], None]] = None,
+    done: int = 0,
 ) -> list[RunResult]:
-    """Train and evaluate every method of ``config`` with every seed.
+    """Train and evaluate every variant of ``config`` with every seed.
 
     Args:
         config: The settings.
         prepared: From :func:`prepare_data`.
-        tokenizer: From :func:`load_model`.
-        load: From :func:`load_model`.
+        model: From :func:`load_model`.
         seeds: The seeds to run (default: all of ``config.seeds``); a resumed run passes
             the ones not done yet.
-        log: Where the per-seed lines go.
+        log: Where the per-seed lines go: ``seed 3 (2/5): ...``, each method's figures,
+            and after each seed the time it took and an estimate of the time left.
         on_seed: Called with the results of each seed as soon as it is done.
+        done: Seeds already done before these (for the ``k/n`` count).
 
     Returns:
-        One :class:`RunResult` per (seed, method), seeds in order, methods in order.
+        One :class:`RunResult` per (seed, variant), seeds in order, variants in order.
     """
     from tqdm.auto import tqdm
 
     if config.threads is not None:
         torch.set_num_threads(config.threads)
+    variants = config.variants()
+    todo = list(config.seeds if seeds is None else seeds)
+    total = done + len(todo)
     results: list[RunResult] = []
-    for seed in config.seeds if seeds is None else seeds:
-        split = _encode_split(prepared, tokenizer, config, seed)
+    started = time.perf_counter()
+    for number, seed in enumerate(todo, start=1):
+        split = _encode_split(prepared, tokenizer=model.tokenizer, config=config, seed=seed)
+        where = f"seed {seed} ({done + number}/{total})"
         log(
-            f"seed {seed}: {len(split.train_labels)} training examples, "
+            f"{where}: {len(split.train_labels)} training examples, "
             f"{len(split.test_labels)} held out"
         )
-        base = load(seed)
+        base = model.load(seed)
         batches = _batch_order(len(split.train_labels), config.steps, config.batch_size, seed)
         mine: list[RunResult] = []
         with ExitStack() as stack:
-            trainees = [_make_trainee(m, base, config, seed, stack) for m in config.methods]
+            trainees = [_make_trainee(v, base, config, seed, stack) for v in variants]
             bar = tqdm(
                 total=config.steps * len(trainees),
-                desc=f"seed {seed} train",
+                desc=f"{where} train",
                 unit="step",
                 disable=not config.progress,
                 dynamic_ncols=True,
@@ -537,39 +807,52 @@ def run_comparison(
                         _train_step(trainee, batch, labels)
                         bar.update(1)
                     bar.set_postfix(
-                        {t.method: f"{t.result.losses[-1]:.3f}" for t in trainees}, refresh=False
+                        {t.variant.name: f"{t.result.losses[-1]:.3f}" for t in trainees},
+                        refresh=False,
                     )
             passes = 1 if split.perturbed_inputs is None else 2
             with tqdm(
                 total=passes * len(trainees) * len(split.test_labels),
-                desc=f"seed {seed} eval",
+                desc=f"{where} eval",
                 unit="doc",
                 disable=not config.progress,
                 dynamic_ncols=True,
             ) as bar:
                 for trainee in trainees:
-                    model, result = trainee.model, trainee.result
-                    predicted = _predict(model, split.test_inputs, config.eval_batch_size, bar)
+                    net, result = trainee.model, trainee.result
+                    predicted = _predict(net, split.test_inputs, config.eval_batch_size, bar)
                     result.accuracy = accuracy(predicted, split.test_labels)
                     result.macro_f1 = macro_f1(predicted, split.test_labels)
+                    result.predicted = torch.bincount(
+                        predicted, minlength=len(prepared.class_names)
+                    ).tolist()
                     if split.perturbed_inputs is not None:
                         predicted = _predict(
-                            model, split.perturbed_inputs, config.eval_batch_size, bar
+                            net, split.perturbed_inputs, config.eval_batch_size, bar
                         )
                         result.perturbed_accuracy = accuracy(predicted, split.test_labels)
                     mine.append(result)
-        for result in mine:
+        for variant, result in zip(variants, mine):
             extra = (
                 ""
                 if math.isnan(result.perturbed_accuracy)
                 else f"  {config.perturb} {result.perturbed_accuracy:.4f}"
             )
             log(
-                f"  {METHODS[result.method]:<18} accuracy {result.accuracy:.4f}  "
+                f"  {variant.label:<18} accuracy {result.accuracy:.4f}  "
                 f"macro-F1 {result.macro_f1:.4f}{extra}  "
                 f"step {1000 * result.median_step_time:.0f} ms"
             )
         results.extend(mine)
         if on_seed is not None:
             on_seed(mine)
+        elapsed = time.perf_counter() - started
+        left = len(todo) - number
+        estimate = (
+            f"; about {_duration(elapsed / number * left)} left for {left} more "
+            f"seed{'s' * (left != 1)}"
+            if left
+            else ""
+        )
+        log(f"{where} done, {_duration(elapsed / number)} per seed{estimate}")
     return results

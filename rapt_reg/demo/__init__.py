@@ -98,9 +98,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> CompareConfig:
     defaults = preset()
     parser = build_parser(
         "rapt-reg",
-        "Fine-tune all-MiniLM-L6-v2 on a few BBC News articles per class, offline: standard "
-        "fine-tuning against RAPT (and SMART with --smart). Writes results.md, results.json "
-        "and results.png into --out. 'rapt-reg compare --help' compares on your own data.",
+        "Fine-tune all-MiniLM-L6-v2 on a few BBC News articles per class, offline:\n"
+        "standard fine-tuning against RAPT (and SMART with --smart). Writes results.md,\n"
+        "results.json and results.png into --out. 'rapt-reg compare --help' compares on\n"
+        "your own data.",
         defaults,
         with_data=False,
     )
@@ -113,7 +114,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> CompareConfig:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
     if args.smart:
-        args.methods = [*args.methods, "smart"]
+        args.methods = [*(args.methods or [",".join(defaults.methods)]), "smart"]
     config = config_from_args(args, defaults)
     if args.quick:
         given = {a.split("=")[0][2:].replace("-", "_") for a in argv if a.startswith("--")}
