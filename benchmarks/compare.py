@@ -416,7 +416,9 @@ def main(argv: Optional[Sequence[str]] = None, log: Callable[[str], None] = prin
     parser.add_argument("--rounds", type=int, default=8)
     parser.add_argument("--steps", type=int, default=2, help="steps per method per round")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: stable)")
-    parser.add_argument("--methods", type=lambda s: s.split(","), default=list(workloads.METHODS))
+    parser.add_argument(
+        "--methods", type=lambda s: s.split(","), default=list(workloads.ENCODER_METHODS)
+    )
     parser.add_argument("--models", type=lambda s: s.split(","), default=["bert", "minilm"])
     parser.add_argument(
         "--memory", choices=["subprocess", "inprocess", "off"], default="subprocess"

@@ -6,7 +6,7 @@ import pytest
 import workloads
 
 
-@pytest.mark.parametrize("method", list(workloads.METHODS))
+@pytest.mark.parametrize("method", list(workloads.ENCODER_METHODS))
 def test_training_step(bench, method):
     size = workloads.shape()
     base = workloads.bert(size)

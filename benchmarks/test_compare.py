@@ -17,9 +17,9 @@ def test_compare_smoke(tmp_path):
     assert (tmp_path / "plot.png").stat().st_size > 1000
     assert json.loads((tmp_path / "figures.json").read_text())["models"] == figures["models"]
     (bert,) = figures["models"]
-    assert set(bert["seconds"]) == set(workloads.METHODS)
+    assert set(bert["seconds"]) == set(workloads.ENCODER_METHODS)
     assert all(len(times) == 2 and min(times) > 0 for times in bert["seconds"].values())
-    assert set(bert["peak_mib"]) == set(workloads.METHODS)
+    assert set(bert["peak_mib"]) == set(workloads.ENCODER_METHODS)
     text = "\n".join(lines)
     assert "| RAPT (pair, layers 1-3) |" in text and "RAPT step / SMART(k=1) step" in text
     # The saved figures alone give the same report and a new plot.

@@ -146,6 +146,7 @@ METHODS: dict[str, tuple[str, Optional[Callable[[nn.Module], Any]]]] = {
         lambda m: rapt_reg.RandomPerturbationRegularizer(m, max_layer=3, head="auto"),
     ),
 }
+ENCODER_METHODS = tuple(m for m in METHODS if m != "rapt_head")  # BERT classifiers: no LM head
 LM_METHODS = ("standard", "rapt", "rapt_head", "smart", "r3f")
 
 
@@ -192,26 +193,29 @@ class Trainee:
     def forward(self) -> Any:
         return self.model(**self.inputs)
 
-    def clean_loss(self) -> torch.Tensor:
-        """The clean pass's task loss (its output freed once the loss is made)."""
+    def clean_pass(self) -> _Output:
+        """The clean pass: its task loss, and its logits (None for a fused loss)."""
         if self.fused:
             hidden = self.model.model(**self.inputs)[0]
-            return chunked_cross_entropy(hidden, self.model.lm_head.weight, self.labels)
+            weight = self.model.lm_head.weight
+            return _Output(chunked_cross_entropy(hidden, weight, self.labels), None)
         logits = self.forward().logits
         if logits.ndim == 3:  # causal LM: labels already shifted, -100 ignored
-            return F.cross_entropy(logits.flatten(0, 1), self.labels.flatten())
-        return F.cross_entropy(logits, self.labels)
+            loss = F.cross_entropy(logits.flatten(0, 1), self.labels.flatten())
+        else:
+            loss = F.cross_entropy(logits, self.labels)
+        return _Output(loss, logits)
 
     def step(self) -> float:
         """Zero grads, clean (+ regularized) forward, backward, AdamW step; returns the loss."""
         self.optimizer.zero_grad(set_to_none=True)
         if self.regularizer is None:
-            loss = self.clean_loss()
+            loss = self.clean_pass().loss
         else:  # the clean pass is the task loss's; the noisy pass the model's plain forward
-            passes = iter([lambda: _Loss(self.clean_loss()), self.forward])
-            clean, penalty = self.regularizer.pair(lambda: next(passes)())
+            passes = [self.clean_pass]  # then the plain forward, for every noisy pass (SMART: k + 1)
+            clean, penalty = self.regularizer.pair(lambda: (passes.pop() if passes else self.forward)())
             loss = clean.loss + penalty
-            del clean
+            del clean  # the output goes before the backward (the logits, unless a graph holds them)
         loss.backward()
         self.optimizer.step()
         return float(loss.detach())
@@ -221,10 +225,9 @@ class Trainee:
             self.regularizer.remove()
 
 
-class _Loss:
-    """A clean pass's output that is only its loss (the logits were freed inside)."""
+@dataclass
+class _Output:
+    """What a clean pass hands on: its loss, and its logits (None for a fused loss)."""
 
-    logits = None
-
-    def __init__(self, loss: torch.Tensor) -> None:
-        self.loss = loss
+    loss: torch.Tensor
+    logits: Optional[torch.Tensor]

@@ -111,7 +111,7 @@ class HeadHook:
                  body: Optional[nn.Module] = None) -> None:  # fmt: skip
         self.module, self._scale, self._softcap = module, scale, softcap
         self._mode: Optional[str] = None
-        self._checked = False
+        self._checked, self._fell_back = False, False
         self._captured: list[torch.Tensor] = []
         self._body: list[torch.Tensor] = []
         self._handles = [module.register_forward_pre_hook(self._pre, with_kwargs=True)]
@@ -127,9 +127,10 @@ class HeadHook:
             yield self._captured
         finally:
             self._mode = None
-        if mode == "clean" and not self._captured:
-            self._captured += self._body[:1]
-        elif mode == "noisy" and self._body and self._captured:
+        if mode == "clean":
+            self._fell_back = not self._captured
+            self._captured += self._body[:1] if self._fell_back else []
+        elif self._fell_back and self._body and self._captured:
             head, body = (
                 (t.data_ptr(), t.shape, t.stride()) for t in (self._captured[0], self._body[0])
             )

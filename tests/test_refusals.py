@@ -12,6 +12,7 @@ from __future__ import annotations
 import ast
 import functools
 import sys
+import types
 from pathlib import Path
 from typing import Any, Callable
 
@@ -200,6 +201,45 @@ def _same_seed_alive(reg: Any, model: nn.Module) -> None:
         del first
 
 
+class DoubledLogits(TinyTransformer):
+    """Token logits the model doubles after its head: not what head= would make."""
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return 2 * super().forward(ids)
+
+
+class ScaledBeforeHead(TinyTransformer):
+    """A fused loss (no head in a pass with labels) whose head is given its body's output
+    halved (as T5 scales it): the body's output is not what the head would see."""
+
+    def get_decoder(self) -> nn.Module:
+        return self.layers[-1]
+
+    def forward(self, ids: torch.Tensor, labels: Any = None) -> Any:  # type: ignore[override]
+        h = self.drop(self.embed(ids) + self.pos[:, : ids.shape[1]])
+        for layer in self.layers:
+            h = layer(h)
+        if labels is not None:  # a fused loss: the head's weight, no head call
+            return types.SimpleNamespace(loss=(h @ self.head.weight.T).logsumexp(-1).mean())
+        return self.head(self.norm(h) * 0.5)
+
+
+def _fused_pass(reg: Any, model: nn.Module) -> Any:
+    calls = iter([{"labels": IDS}, {}])
+    return reg.pair(lambda: model(IDS, **next(calls)))
+
+
+def _zero3_head() -> nn.Module:
+    model = _model(token_level=True)
+    model.head.weight.ds_shape = model.head.weight.shape  # what DeepSpeed ZeRO-3 sets
+    return model
+
+
+def _doubled_logits() -> nn.Module:
+    torch.manual_seed(0)
+    return DoubledLogits(depth=3, dim=8, heads=2, token_level=True).train()
+
+
 class OneDimensionalHead(nn.Module):
     """A model whose output layer is applied to one vector: no positions to take."""
 
@@ -304,6 +344,7 @@ CONSTRUCTOR_CASES: dict[str, tuple[Callable[[], nn.Module], Callable[[nn.Module]
     "r3f noise unknown": (_model, _construct(R3FRegularizer, noise="laplace")),
     "head not a linear layer": (_model, _construct(RAPT, head="layers")),
     "head auto without output embeddings": (_model, _construct(RAPT, head="auto")),
+    "head under ZeRO-3": (_zero3_head, _construct(RAPT, head="head")),
     "head path missing": (_model, _construct(RAPT, head="lm_head")),
     "find_transformer_blocks ambiguous": (
         TwoStacks,
@@ -453,6 +494,14 @@ CALL_CASES: dict[str, tuple[Callable[[], nn.Module], Callable[[nn.Module], Calla
                 clean_is_hidden=True,
             ),
         ),
+    ),
+    "head whose logits the model doubles": (
+        _doubled_logits,
+        _call(functools.partial(RAPT, head="head"), _pair),
+    ),
+    "fused loss, head given another tensor than the body's output": (
+        lambda: ScaledBeforeHead(depth=3, dim=8, heads=2, token_level=True).train(),
+        _call(functools.partial(RAPT, head="head"), _fused_pass),
     ),
     "head outputs of other shapes": (
         _model,
