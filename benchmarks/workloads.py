@@ -212,8 +212,12 @@ class Trainee:
         if self.regularizer is None:
             loss = self.clean_pass().loss
         else:  # the clean pass is the task loss's; the noisy pass the model's plain forward
-            passes = [self.clean_pass]  # then the plain forward, for every noisy pass (SMART: k + 1)
-            clean, penalty = self.regularizer.pair(lambda: (passes.pop() if passes else self.forward)())
+            passes = [
+                self.clean_pass
+            ]  # then the plain forward, for every noisy pass (SMART: k + 1)
+            clean, penalty = self.regularizer.pair(
+                lambda: (passes.pop() if passes else self.forward)()
+            )
             loss = clean.loss + penalty
             del clean  # the output goes before the backward (the logits, unless a graph holds them)
         loss.backward()

@@ -204,6 +204,7 @@ def _frame(seed: int, owner: object = None, model: nn.Module | None = None) -> r
     return replay.Frame(owner if owner is not None else object(), seed, model or nn.Linear(1, 1))
 
 
+@pytest.mark.promise("identity-refusals")
 def test_every_call_finds_a_state_of_its_own_and_only_its_recomputation_finds_it():
     """enter() records the state a call found and re-seeds; find() is true only where that
     state is restored (as a checkpoint restores it), for that owner, module and hook."""
@@ -245,6 +246,7 @@ def test_records_live_exactly_as_long_as_their_frame():
     assert replay.find(owner, block, "post") is None
 
 
+@pytest.mark.promise("identity-refusals")
 def test_a_seed_live_on_a_model_sharing_modules_is_refused():
     """Two installed regularizers on one model, built from one seed, both graphs alive: their
     streams would coincide. Another model, or a removed regularizer, is no conflict."""
@@ -269,6 +271,7 @@ def test_a_seed_live_on_a_model_sharing_modules_is_refused():
     assert live.seed == 11
 
 
+@pytest.mark.promise("identity-refusals")
 def test_a_forward_that_reseeds_the_global_rng_is_refused():
     frame, block = _frame(5), nn.Linear(2, 2)
     with replay.stream(frame):

@@ -311,3 +311,35 @@ def test_a_fused_loss_that_makes_no_logits_gets_the_same_penalty(tied):
         ),
     ):
         reg.pair(lambda: model(**batch))
+
+
+@pytest.mark.promise("sft-fused-head", "head-fused-loss")
+def test_the_trainer_with_a_liger_style_loss_builds_the_head_aware_penalty(
+    tmp_path, accelerator_state, monkeypatch
+):
+    """use_liger_kernel=True (Liger needs a GPU: its patching is a no-op here, and the model's
+    own forward fuses the loss as Liger's would): the Trainer's regularizer gets head='auto'
+    and trains; without it, the refusal names head='auto'."""
+    transformers = pytest.importorskip("transformers")
+    datasets = pytest.importorskip("datasets")
+    from rapt_reg.integrations import RaptTrainer
+
+    monkeypatch.setattr(transformers.trainer, "apply_liger_kernel", lambda *a, **k: None)
+    ids = torch.randint(3, 96, (8, 10), generator=torch.Generator().manual_seed(2)).tolist()
+    data = datasets.Dataset.from_dict({"input_ids": ids, "labels": ids})
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path), use_cpu=True, report_to=[], max_steps=2, logging_steps=1,
+        per_device_train_batch_size=4, save_strategy="no", disable_tqdm=True,
+    )  # fmt: skip
+    for liger in (True, False):
+        trainer = RaptTrainer(model=_fused_loss_llama().float(), args=args, train_dataset=data)
+        trainer.args.use_liger_kernel = liger  # set after construction: Liger is not installed
+        if not liger:
+            with pytest.raises(rapt_reg.RaptRegError, match="needs head='auto'"):
+                trainer.train()
+            continue
+        trainer.train()
+        assert trainer.rapt.head is trainer.model.lm_head
+        logged = [e["rapt_penalty"] for e in trainer.state.log_history if "rapt_penalty" in e]
+        assert len(logged) == 2 and all(p > 0 for p in logged)
+        trainer.rapt.remove()
