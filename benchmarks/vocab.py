@@ -136,7 +136,8 @@ def table(results: dict) -> str:
     rows = [head, rule]
     first = results["runs"][labels[0]]
     for i, size in enumerate(first):
-        for method in size["methods"]:
+        methods = {m: None for run in results["runs"].values() for m in run[i]["methods"]}
+        for method in methods:
             row = f"| {size['vocab']:,} ({size['seq']}) | {size['logits_mib']:.0f} MiB | {method} |"
             for label in labels:
                 sizes = results["runs"][label]

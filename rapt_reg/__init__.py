@@ -11,7 +11,7 @@ from .errors import RaptRegError
 from .noise import sample_noise, scale_noise
 from .regularizer import PerturbationRegularizer, RandomPerturbationRegularizer
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 
 __all__ = [
     "BlockDiscoveryError",

@@ -1,10 +1,8 @@
 """Find the transformer blocks of any model by introspection.
 
 A *stack* is a container (``nn.ModuleList``, ``nn.Sequential`` or ``nn.ModuleDict``) whose
-members all have one class and contain attention. Stacks nested inside another stack's members
-(ALBERT's inner layer list, per-head lists) are left out, so the outermost one wins. By
-default (``prefer="auto"``) an encoder-decoder's encoder wins, and a multimodal generative
-model (LLaVA, Qwen2-VL...) is perturbed in its text decoder (:func:`multimodal_text_decoder`).
+members all have one class and contain attention; the outermost wins (ALBERT's inner layer list,
+per-head lists are left out). Which stack wins among several: :func:`find_block_stacks`.
 """
 
 from __future__ import annotations
@@ -64,55 +62,34 @@ class BlockStack:
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
-    """Strip DDP/DataParallel/FSDP/DeepSpeed, ``torch.compile`` and PEFT wrappers, outermost
-    first."""
-    while True:
-        inner = None
-        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)) or (
-            type(model).__name__ in ("FullyShardedDataParallel", "DeepSpeedEngine")
-        ):
-            inner = getattr(model, "module", None)
-        elif hasattr(model, "_orig_mod"):
-            inner = model._orig_mod  # torch.compile's OptimizedModule
-        elif type(model).__module__.startswith("peft") and hasattr(model, "get_base_model"):
-            inner = model.get_base_model()  # type: ignore[operator]
-        if not isinstance(inner, nn.Module):
-            return model
-        model = inner
-
-
-def _members(container: nn.Module) -> list[tuple[str, nn.Module]]:
-    return list(container.named_children())
+    """Strip DDP/DataParallel/FSDP/DeepSpeed, torch.compile and PEFT wrappers, outermost first."""
+    inner = None
+    if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)) or (
+        type(model).__name__ in ("FullyShardedDataParallel", "DeepSpeedEngine")
+    ):
+        inner = getattr(model, "module", None)
+    elif hasattr(model, "_orig_mod"):
+        inner = model._orig_mod  # torch.compile's OptimizedModule
+    elif type(model).__module__.startswith("peft") and hasattr(model, "get_base_model"):
+        inner = model.get_base_model()  # type: ignore[operator]
+    return unwrap_model(inner) if isinstance(inner, nn.Module) else model
 
 
 def _has_attention(block: nn.Module) -> bool:
-    for name, module in block.named_modules():
-        if isinstance(module, nn.MultiheadAttention) or _ATTENTION.search(type(module).__name__):
-            return True
-        if name and _ATTENTION.search(name.rsplit(".", 1)[-1]):
-            return True
-    return False
-
-
-def _batch_dim(block: nn.Module) -> Optional[int]:
-    """0 or 1 from the first ``batch_first`` attribute in the block, else None (unknown)."""
-    for module in block.modules():
-        batch_first = getattr(module, "batch_first", None)
-        if isinstance(batch_first, bool):
-            return 0 if batch_first else 1
-    return None
+    """An ``nn.MultiheadAttention``, or attn/attention in a submodule's class or dotted name."""
+    return any(
+        isinstance(m, nn.MultiheadAttention) or _ATTENTION.search(f"{type(m).__name__} {name}")
+        for name, m in block.named_modules()
+    )
 
 
 def _make_stack(path: str, members: list[tuple[str, nn.Module]]) -> BlockStack:
+    """The stack of ``members``; its batch dim from the first block's first ``batch_first``."""
     blocks = tuple(m for _, m in members)
     names = tuple(f"{path}.{n}" if path else n for n, _ in members)
-    return BlockStack(path=path, names=names, blocks=blocks, batch_dim=_batch_dim(blocks[0]))
-
-
-def _describe(path: str, container: nn.Module) -> str:
-    members = list(container.children())
-    kinds = ", ".join(sorted({type(m).__name__ for m in members}))
-    return f"{path or '<root>'} ({type(container).__name__} of {len(members)}: {kinds})"
+    flags = (getattr(m, "batch_first", None) for m in blocks[0].modules())
+    batch_dim = next((0 if f else 1 for f in flags if isinstance(f, bool)), None)
+    return BlockStack(path=path, names=names, blocks=blocks, batch_dim=batch_dim)
 
 
 def multimodal_text_decoder(model: nn.Module) -> Optional[nn.Module]:
@@ -127,9 +104,8 @@ def multimodal_text_decoder(model: nn.Module) -> Optional[nn.Module]:
         decoder = model.get_decoder() if model.can_generate() else None  # type: ignore[operator]
     except (AttributeError, TypeError, ValueError):  # not transformers, or several text configs
         return None
-    if text_config is config or any(
-        getattr(c, "is_encoder_decoder", False) for c in (config, text_config)
-    ):
+    configs = (config, text_config)
+    if text_config is config or any(getattr(c, "is_encoder_decoder", False) for c in configs):
         return None
     return decoder if isinstance(decoder, nn.Module) and decoder is not model else None
 
@@ -140,17 +116,15 @@ def text_decoder_stack(model: nn.Module) -> Optional[BlockStack]:
     model, decoder = unwrap_model(model), multimodal_text_decoder(model)
     path = next((n for n, m in model.named_modules() if m is decoder), None)
     for name, module in decoder.named_modules(prefix=path) if path is not None else ():  # type: ignore[union-attr]
-        members = _members(module) if isinstance(module, _CONTAINERS) else []
+        members = list(module.named_children()) if isinstance(module, _CONTAINERS) else []
         if members and all(_has_attention(m) for _, m in members):
             return _make_stack(name, members)
     return None
 
 
 def find_block_stacks(model: nn.Module, *, prefer: Optional[str] = "auto") -> list[BlockStack]:
-    """All candidate stacks, the preferred ones first.
-
-    When ``prefer`` names a part of some candidates' paths (``"decoder"``, say), only those are
-    returned; ``"auto"`` is a multimodal generative model's text decoder's stack alone
+    """All candidate stacks, or only those with ``prefer`` in a part of their path if any;
+    ``"auto"``: a multimodal generative model's text decoder's stack alone
     (:func:`text_decoder_stack`), else ``"encoder"`` (an encoder-decoder's encoder). More than
     one result means only a forward pass can tell which stack runs.
 
@@ -158,23 +132,21 @@ def find_block_stacks(model: nn.Module, *, prefer: Optional[str] = "auto") -> li
         BlockDiscoveryError: if no container holds same-class blocks with attention.
     """
     model = unwrap_model(model)
-    if prefer == "auto":
-        decoder = text_decoder_stack(model)
-        if decoder is not None:
-            return [decoder]
-        prefer = "encoder"
+    decoder = text_decoder_stack(model) if prefer == "auto" else None
+    if decoder is not None:
+        return [decoder]
+    prefer = "encoder" if prefer == "auto" else prefer
     seen: list[str] = []
-    found: list[tuple[str, list[tuple[str, nn.Module]]]] = []
+    found: list[BlockStack] = []
     for path, module in model.named_modules():
         if not isinstance(module, _CONTAINERS) or len(module) == 0:
             continue
-        seen.append(_describe(path, module))
-        members = _members(module)
-        if len({type(m) for _, m in members}) != 1 or not _has_attention(members[0][1]):
-            continue
-        if any(path.startswith(f"{outer}.") for outer, _ in found):
-            continue  # nested in an outer stack's member
-        found.append((path, members))
+        members = list(module.named_children())
+        kinds = ", ".join(sorted({type(m).__name__ for _, m in members}))
+        seen.append(f"{path or '<root>'} ({type(module).__name__} of {len(members)}: {kinds})")
+        nested = any(path.startswith(f"{outer.path}.") for outer in found)  # in a stack's member
+        if len({type(m) for _, m in members}) == 1 and _has_attention(members[0][1]) and not nested:
+            found.append(_make_stack(path, members))
     if not found:
         raise BlockDiscoveryError(
             f"no transformer blocks found in {type(model).__name__}: looked for a ModuleList, "
@@ -182,12 +154,8 @@ def find_block_stacks(model: nn.Module, *, prefer: Optional[str] = "auto") -> li
             f"{len(seen)} containers: {'; '.join(seen) or 'none'}. Pass blocks='dotted.path' "
             "(or a list of modules) to say which modules are the blocks."
         )
-    stacks = [_make_stack(path, members) for path, members in found]
-    if prefer:
-        preferred = [s for s in stacks if any(prefer in part for part in s.path.split("."))]
-        if preferred:
-            return preferred
-    return stacks
+    preferred = [s for s in found if prefer and any(prefer in p for p in s.path.split("."))]
+    return preferred or found
 
 
 def find_transformer_blocks(
@@ -205,8 +173,7 @@ def find_transformer_blocks(
             or paths.
 
     Raises:
-        BlockDiscoveryError: if nothing is found, or several stacks remain (listed, with the
-            fix ``blocks=``).
+        BlockDiscoveryError: if nothing is found, or several stacks remain (listed; fix: blocks=).
 
     Example:
         >>> layer = nn.TransformerEncoderLayer(8, 2, batch_first=True)
@@ -231,34 +198,23 @@ def ambiguity_error(stacks: Sequence[BlockStack]) -> BlockDiscoveryError:
     )
 
 
-def _submodule(model: nn.Module, path: str) -> nn.Module:
-    try:
-        return model.get_submodule(path)
-    except AttributeError as exc:
-        raise BlockDiscoveryError(
-            f"blocks={path!r} is not a submodule of {type(model).__name__}: {exc}"
-        ) from None
-
-
 def resolve_blocks(model: nn.Module, blocks: BlocksSpec) -> BlockStack:
     """Turn a ``blocks=`` argument into a :class:`BlockStack` of ``model``'s own modules."""
     model = unwrap_model(model)
-    names = {id(m): n for n, m in model.named_modules()}
-    if isinstance(blocks, str):
-        target = _submodule(model, blocks)
-        if isinstance(target, _CONTAINERS):
-            if len(target) == 0:
-                raise BlockDiscoveryError(f"blocks={blocks!r} is an empty container")
-            return _make_stack(blocks, _members(target))
-        return _make_stack("", [(blocks, target)])
     if isinstance(blocks, nn.Module):
         raise BlockDiscoveryError(
             "blocks= got a single module: pass its dotted path, or a list of the block modules"
         )
+    names = {id(m): n for n, m in model.named_modules()}
     members: list[tuple[str, nn.Module]] = []
-    for item in blocks or ():
+    for item in [blocks] if isinstance(blocks, str) else blocks or ():
         if isinstance(item, str):
-            members.append((item, _submodule(model, item)))
+            try:
+                members.append((item, model.get_submodule(item)))
+            except AttributeError as exc:
+                raise BlockDiscoveryError(
+                    f"blocks={item!r} is not a submodule of {type(model).__name__}: {exc}"
+                ) from None
         elif isinstance(item, nn.Module) and id(item) in names:
             members.append((names[id(item)], item))
         else:
@@ -268,4 +224,9 @@ def resolve_blocks(model: nn.Module, blocks: BlocksSpec) -> BlockStack:
             )
     if not members:
         raise BlockDiscoveryError("blocks= is empty: pass a dotted path or a list of modules")
-    return _make_stack("", members)
+    target = members[0][1]
+    if isinstance(blocks, str) and isinstance(target, _CONTAINERS):
+        if len(target) == 0:
+            raise BlockDiscoveryError(f"blocks={blocks!r} is an empty container")
+        return _make_stack(blocks, list(target.named_children()))
+    return _make_stack("", members)  # one block, or a list of them

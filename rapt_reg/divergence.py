@@ -6,7 +6,8 @@ dimension of ``[..., C]`` logits. :func:`reduce_divergence` averages one over th
 mask keeps, in float32 at least and with autocast off, chunk by chunk: in backward it
 recomputes each chunk and lets autograd differentiate it, so ``[batch, seq, vocab]`` logits are
 never copied whole in float32 nor held again for backward. Given a head
-(:class:`rapt_reg.head.Head`), it makes each chunk's logits from the last hidden states itself.
+(:class:`rapt_reg.head.Head`), it makes each chunk's logits from the last hidden states itself,
+and their gradients at once (hidden-state and weight sized: no logits are kept).
 """
 
 from __future__ import annotations
@@ -25,8 +26,10 @@ if TYPE_CHECKING:
 Divergence = Callable[..., torch.Tensor]
 
 # A chunk holds at least CHUNK_BYTES of float32 [positions, classes] (32 positions at a 32,000
-# vocabulary) and at least 1/MAX_CHUNKS of the positions (few kernel launches on a GPU).
+# vocabulary) and at least 1/MAX_CHUNKS of the positions (few kernel launches on a GPU). A chunk
+# made with a head reads its whole weight four times: HEAD_CHUNK_BYTES, fewer and larger chunks.
 CHUNK_BYTES = 4 * 2**20
+HEAD_CHUNK_BYTES = 8 * 2**20
 MAX_CHUNKS = 64
 
 
@@ -38,9 +41,11 @@ def kl_terms(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
 def sym_kl(noisy: torch.Tensor, clean: torch.Tensor) -> torch.Tensor:
     """Symmetric KL as MT-DNN's ``SymKlCriterion`` (the framework RAPT was built on):
     ``KL(sg(p_clean) || p_noisy) + KL(sg(p_noisy) || p_clean)``, each direction with the other
-    side a fixed target (``sg``: stop-gradient), so the gradient reaches both passes."""
+    side a fixed target (``sg``: stop-gradient), so the gradient reaches both passes. Summed, the
+    two are ``sum(sg(p_clean - p_noisy) * (log p_clean - log p_noisy))``, in value and gradient:
+    computed so, a chunk holds fewer ``[positions, classes]`` temporaries."""
     log_noisy, log_clean = F.log_softmax(noisy, -1), F.log_softmax(clean, -1)
-    return kl_terms(log_clean.detach(), log_noisy) + kl_terms(log_noisy.detach(), log_clean)
+    return ((log_clean.exp() - log_noisy.exp()).detach() * (log_clean - log_noisy)).sum(-1)
 
 
 def kl(noisy: torch.Tensor, clean: torch.Tensor) -> torch.Tensor:
@@ -99,64 +104,100 @@ def check_outputs(noisy: torch.Tensor, clean: torch.Tensor, head: Optional[Head]
         )
 
 
-def _rows_sum(fn: Callable[..., torch.Tensor], keep: Any, a: Any, b: Any, params: Any) -> Any:
-    """``fn(a, b, *params)`` summed over the rows ``keep`` holds: the others are zeroed first,
-    so whatever they hold, even NaN, reaches nothing."""
-    if keep is not None:
-        a, b = (torch.where(keep[:, None], x, x.new_zeros(())) for x in (a, b))
-    values = fn(a, b, *params)
-    return (values if keep is None else torch.where(keep, values, values.new_zeros(()))).sum()
+def _chunk(keep: Any, part: slice, inputs: Any, hidden_sides: int) -> tuple:
+    """Rows ``part`` of ``(noisy, clean, *weights)``: the rows ``keep`` drops zeroed (whatever
+    they held, even NaN, reaches nothing), and the logits of the first ``hidden_sides`` sides
+    made with the weights (``F.linear``)."""
+    kept = None if keep is None else keep[part]
+    rows = [x[part] if kept is None else torch.where(kept[:, None], x[part], 0) for x in inputs[:2]]
+    logits = [F.linear(x, *inputs[2:]) if i < hidden_sides else x for i, x in enumerate(rows)]
+    return kept, rows, logits
+
+
+def _sum(fn: Callable[..., torch.Tensor], kept: Any, a: Any, b: Any) -> torch.Tensor:
+    values = fn(a, b)
+    return (values if kept is None else torch.where(kept, values, values.new_zeros(()))).sum()
+
+
+def _walk(fn: Any, rows: int, sides: int, keep: Any, inputs: Any, wanted: Any,
+          grad_out: torch.Tensor) -> tuple[torch.Tensor, list]:  # fmt: skip
+    """Chunk by chunk: the sum over kept rows of fn, and the gradients of ``grad_out`` times it
+    to the ``wanted`` inputs. Autograd differentiates fn with respect to each chunk's logits;
+    a side's gradient goes through ``F.linear`` by hand, the weight's into one buffer."""
+    weights, device = inputs[2:], inputs[0].device.type
+    grads: list[Any] = [None, None]  # the sides': made at their first gradient
+    grads += [torch.zeros_like(w) if want else None for w, want in zip(weights, wanted[2:])]
+    asks = [wanted[i] or (i < sides and any(wanted[2:])) for i in range(2)]
+    total = inputs[0].new_zeros((), dtype=torch.promote_types(inputs[0].dtype, torch.float32))
+    for start in range(0, inputs[0].shape[0], rows):
+        part = slice(start, start + rows)
+        with torch.no_grad(), torch.autocast(device, enabled=False):
+            kept, chunk, logits = _chunk(keep, part, inputs, sides)
+        leaves = [z.detach().requires_grad_(ask) for z, ask in zip(logits, asks)]
+        with torch.enable_grad(), torch.autocast(device, enabled=False):
+            value = _sum(fn, kept, *leaves)
+            total = total + value.detach()
+            if not value.requires_grad:  # nothing asked, or fn stops both sides' gradients
+                continue
+            asked = [z for z in leaves if z.requires_grad]
+            dzs = iter(torch.autograd.grad(value, asked, grad_out, allow_unused=True))
+        for i, dz in ((i, next(dzs)) for i in range(2) if asks[i]):
+            if dz is not None and i < sides:  # through F.linear(x, weight, bias) by hand
+                dz = dz.to(weights[0].dtype)
+                if grads[2] is not None:
+                    grads[2].addmm_(dz.T, chunk[i])
+                if grads[3:] and grads[3] is not None:
+                    grads[3].add_(dz.sum(0))
+                if not wanted[i]:
+                    continue
+                dz = dz @ weights[0]
+            if dz is not None:
+                grads[i] = torch.zeros_like(inputs[i]) if grads[i] is None else grads[i]
+                grads[i][part] = dz
+    return total, grads
 
 
 class _Chunked(torch.autograd.Function):
-    """``sum over kept rows of fn(noisy[rows], clean[rows], *params)``, ``rows`` at a time.
+    """``sum over kept rows of fn(noisy[rows], clean[rows])``, ``rows`` at a time.
 
-    Forward keeps only its inputs; backward recomputes each chunk with autograd on and asks
-    autograd for its gradients, written row by row (``params``': summed).
+    Given ``weights`` (a head's weight and bias), the first ``hidden_sides`` sides are hidden
+    states, and fn is given their logits ``F.linear(x, *weights)``. Without a head, forward
+    keeps only its inputs and backward recomputes each chunk (:func:`_walk`). With a head and
+    ``early``, forward makes the gradients while each chunk's logits exist (they are the size
+    of the hidden states and of the weight: no logits kept), and backward scales them: one
+    pass over the logits instead of two, so such a penalty can be backpropagated once.
     """
 
     @staticmethod
-    def forward(
-        ctx: Any, fn: Any, rows: int, keep: Any, noisy: Any, clean: Any, *params: Any
-    ) -> Any:  # type: ignore[override]
-        ctx.fn, ctx.rows = fn, rows
-        ctx.save_for_backward(keep, noisy, clean, *params)
-        total = noisy.new_zeros((), dtype=torch.promote_types(noisy.dtype, torch.float32))
-        for start in range(0, noisy.shape[0], rows):
-            part = slice(start, start + rows)
-            kept = None if keep is None else keep[part]
-            total = total + _rows_sum(fn, kept, noisy[part], clean[part], params)
-        return total
+    def forward(ctx: Any, fn: Any, rows: int, keep: Any, count: torch.Tensor,  # type: ignore[override]
+                hidden_sides: int, early: bool, *inputs: Any) -> Any:  # fmt: skip
+        ctx.fn, ctx.rows, ctx.sides = fn, rows, hidden_sides if len(inputs) > 2 else 0
+        ctx.save_for_backward(keep, count, *inputs)
+        wanted = ctx.needs_input_grad[6:]
+        ctx.early = early and ctx.sides > 0 and any(wanted)
+        asked = [ctx.early and w for w in wanted]
+        total, ctx.grads = _walk(fn, rows, ctx.sides, keep, inputs, asked, 1 / count)
+        return total / count
 
     @staticmethod
     def backward(ctx: Any, grad_total: torch.Tensor) -> tuple:
-        keep, *inputs = ctx.saved_tensors
-        wanted = ctx.needs_input_grad[3:]
-        grads: list[Any] = [None] * len(inputs)
-        with torch.enable_grad(), torch.autocast(inputs[0].device.type, enabled=False):
-            for start in range(0, inputs[0].shape[0], ctx.rows):
-                part = slice(start, start + ctx.rows)
-                rows = [(x[part] if i < 2 else x).detach() for i, x in enumerate(inputs)]
-                leaves = [x.requires_grad_(w) for x, w in zip(rows, wanted)]
-                kept = None if keep is None else keep[part]
-                value = _rows_sum(ctx.fn, kept, leaves[0], leaves[1], leaves[2:])
-                asked = [i for i, w in enumerate(wanted) if w]
-                if not value.requires_grad:
-                    continue
-                got = torch.autograd.grad(
-                    value, [leaves[i] for i in asked], grad_total, allow_unused=True
-                )
-                for i, g in zip(asked, got):
-                    if g is not None:
-                        grads[i] = torch.zeros_like(inputs[i]) if grads[i] is None else grads[i]
-                        target = grads[i][part] if i < 2 else grads[i]
-                        target.add_(g)
-        return (None, None, None, *grads)
+        keep, count, *inputs = ctx.saved_tensors
+        if not ctx.early:
+            grads = _walk(ctx.fn, ctx.rows, ctx.sides, keep, inputs, ctx.needs_input_grad[6:],
+                          grad_total / count)[1]  # fmt: skip
+        elif ctx.grads is None:
+            raise RaptRegError(
+                "a penalty made with head= was backpropagated twice (retain_graph=True): its "
+                "gradients are made in its forward and handed over once; compute it again"
+            )
+        else:  # made in forward: scaled in place and handed over (a weight's becomes its .grad)
+            grads, ctx.grads = [g if g is None else g.mul_(grad_total) for g in ctx.grads], None
+        return (None, None, None, None, None, None, *grads)
 
 
-def chunk_rows(positions: int, classes: int) -> int:
-    """Positions per chunk: :data:`CHUNK_BYTES` of float32, and at least 1/:data:`MAX_CHUNKS`."""
-    return max(1, CHUNK_BYTES // (4 * max(classes, 1)), -(-positions // MAX_CHUNKS))
+def chunk_rows(positions: int, classes: int, size: int = CHUNK_BYTES) -> int:
+    """Positions per chunk: ``size`` bytes of float32, and at least 1/:data:`MAX_CHUNKS`."""
+    return max(1, size // (4 * max(classes, 1)), -(-positions // MAX_CHUNKS))
 
 
 def reduce_divergence(
@@ -172,7 +213,9 @@ def reduce_divergence(
     """``per_position(noisy, clean)`` averaged over the positions ``mask`` keeps.
 
     Chunk by chunk over positions, each chunk cast to float32 (float64 stays float64) on its
-    own, autocast off, recomputed in backward: the memory this adds is one chunk's temporaries.
+    own, autocast off, recomputed in backward (with ``head``: differentiated in the forward,
+    once): the memory this adds is one chunk's temporaries (with ``head``, and the gradients
+    of the hidden states and the head's weight).
     Logits that cannot be viewed as ``[positions, C]`` (sliced along the sequence) are copied
     once in their own dtype; to leave positions out, pass a mask rather than a slice.
 
@@ -185,7 +228,7 @@ def reduce_divergence(
             whatever the others hold (even NaN) reaches neither the value nor a gradient; no
             true entry gives 0. Applied with ``torch.where``: no host sync, no gathered copy.
         chunk_positions: Positions per chunk (None: ``max(4 MiB / (4 * C), positions / 64)``,
-            :func:`chunk_rows`).
+            8 MiB with a head, :func:`chunk_rows`).
         head: Make each chunk's logits from hidden states with this head (its weights get
             their gradients too).
         clean_is_hidden: ``clean`` holds hidden states for ``head`` (else logits).
@@ -203,31 +246,28 @@ def reduce_divergence(
             f"mask has shape {tuple(mask.shape)} but the outputs' leading dimensions are "
             f"{tuple(noisy.shape[:-1])}: pass one entry per position (e.g. the attention mask)"
         )
-    if chunk_positions is not None and (
-        isinstance(chunk_positions, bool)
-        or not isinstance(chunk_positions, int)
-        or chunk_positions < 1
-    ):
+    if chunk_positions is not None and (type(chunk_positions) is not int or chunk_positions < 1):
         raise RaptRegError(f"chunk_positions must be an int >= 1 or None, got {chunk_positions!r}")
     work = torch.promote_types(noisy.dtype, torch.float32)
     positions = noisy.shape[:-1].numel()
     keep = None if mask is None else mask.to(device=noisy.device, dtype=torch.bool).reshape(-1)
+    # fn is given logits: with a head, the linear ones its weights made (scaled, capped here)
+    finish = (lambda z: z.to(work)) if head is None else head.finish
+    clean_finish = finish if clean_is_hidden else (lambda z: z.to(work))
 
-    def fn(a: torch.Tensor, b: torch.Tensor, *weights: torch.Tensor) -> torch.Tensor:
-        if head is None:
-            return per_position(a.to(work), b.to(work))
-        b = head.logits(b, *weights) if clean_is_hidden else b.to(work)
-        return per_position(head.logits(a, *weights), b)
+    def fn(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return per_position(finish(a), clean_finish(b))
 
-    classes = noisy.shape[-1] if head is None else head.weight.shape[0]
-    with torch.autocast(device_type=noisy.device.type, enabled=False):
-        total = _Chunked.apply(
-            fn,
-            chunk_positions or chunk_rows(positions, classes),
-            keep,
-            noisy.reshape(positions, noisy.shape[-1]),
-            clean.reshape(positions, clean.shape[-1]),
-            *(() if head is None else head.params()),
-        )
+    rows = chunk_positions or (
+        chunk_rows(positions, noisy.shape[-1])
+        if head is None
+        else chunk_rows(positions, head.weight.shape[0], HEAD_CHUNK_BYTES)
+    )
+    flat = (x.reshape(positions, x.shape[-1]) for x in (noisy, clean))
+    weights = () if head is None else head.params()
     # The mean over kept positions; an all-false mask (or no position) gives 0 / 1 = 0.
-    return total / (max(positions, 1) if keep is None else keep.sum().clamp_min(1))
+    count = noisy.new_tensor(max(positions, 1), dtype=work) if keep is None else keep.sum()
+    count = count.clamp_min(1).to(work)
+    with torch.autocast(device_type=noisy.device.type, enabled=False):
+        grad = torch.is_grad_enabled()
+        return _Chunked.apply(fn, rows, keep, count, 1 + clean_is_hidden, grad, *flat, *weights)

@@ -39,9 +39,13 @@ class Head:
     def params(self) -> tuple[torch.Tensor, ...]:
         return (self.weight,) if self.bias is None else (self.weight, self.bias)
 
-    def logits(self, hidden: torch.Tensor, *params: torch.Tensor) -> torch.Tensor:
-        """The logits of ``hidden`` in float32 at least, ``params`` standing for the weights."""
-        logits = F.linear(hidden, *params).to(torch.promote_types(hidden.dtype, torch.float32))
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The logits of ``hidden``, in float32 at least."""
+        return self.finish(F.linear(hidden, *self.params()))
+
+    def finish(self, linear: torch.Tensor) -> torch.Tensor:
+        """The logits from ``hidden @ weight.T + bias``: float32 at least, scaled, soft-capped."""
+        logits = linear.to(torch.promote_types(linear.dtype, torch.float32))
         logits = logits * self.scale if self.scale != 1.0 else logits
         return logits if self.softcap is None else torch.tanh(logits / self.softcap) * self.softcap
 
@@ -152,7 +156,8 @@ class HeadHook:
         if self._checked:
             return
         head = self.weights()
-        ours = head.logits(self._captured[0][..., :1, :].detach(), *head.params())
+        with torch.no_grad():
+            ours = head.logits(self._captured[0][..., :1, :])
         theirs = logits.detach().to(ours.dtype)
         # 3% of the largest logit: what half precision (or autocast, which wrapped forwards
         # may hide) rounds away, and far less than any scale, cap or bias not applied here.

@@ -2,11 +2,9 @@
 
 Layers are counted by block *call*, on the forward that runs: layer 0 is the hidden state
 entering the first call (the embedding output), layer r the output of the r-th call. An armed
-:class:`NoisyPass` adds its perturbation at exactly one of those points. Every armed call also
-enters the pass's :class:`~rapt_reg.replay.Frame`; an idle call asks
-:func:`~rapt_reg.replay.find` whether it recomputes one (checkpointing) and, if so, adds the
-same noise again where that pass added it. The hooks keep their state here, never on the
-user's modules.
+:class:`NoisyPass` adds its perturbation at exactly one of those points; an idle call that
+recomputes an armed one (checkpointing, :mod:`~rapt_reg.replay`) adds the same noise again
+there. The hooks keep their state here, never on the user's modules.
 """
 
 from __future__ import annotations
@@ -57,10 +55,8 @@ def with_input(args: tuple, kwargs: dict, key: Any, new: torch.Tensor) -> tuple[
 
 def output_hidden(output: Any) -> torch.Tensor:
     """The hidden states in a block's output: a tensor, a tuple's first item, a mapping's first."""
-    first = output
-    if isinstance(output, (tuple, list)) and output:
-        first = output[0]
-    elif isinstance(output, Mapping):
+    first = output[0] if isinstance(output, (tuple, list)) and output else output
+    if isinstance(output, Mapping):
         first = next(iter(output.values()), None)
     if isinstance(first, torch.Tensor):
         return first
@@ -75,11 +71,11 @@ def _with_output(output: Any, new: torch.Tensor) -> Any:
     """``output`` with its hidden states (see :func:`output_hidden`) replaced by ``new``."""
     if isinstance(output, torch.Tensor):
         return new
-    if isinstance(output, (tuple, list)):
-        items = [new, *output[1:]]
-        if isinstance(output, list):
-            return items
-        return type(output)(*items) if hasattr(output, "_fields") else tuple(items)
+    if isinstance(output, list):
+        return [new, *output[1:]]
+    if isinstance(output, tuple):
+        items = (new, *output[1:])
+        return type(output)(*items) if hasattr(output, "_fields") else items
     replaced = {**output, next(iter(output)): new}
     try:
         return type(output)(**replaced)
@@ -88,11 +84,9 @@ def _with_output(output: Any, new: torch.Tensor) -> Any:
 
 
 def infer_batch_dim(hidden: torch.Tensor, args: tuple, kwargs: dict) -> Optional[int]:
-    """0 or 1 from a block call: where a ``[batch, seq]`` mask argument puts the batch.
-
-    A block given ``[seq, batch, C]`` states with a ``[batch, seq]`` padding mask (fairseq's
-    layout) is sequence-first. None when no 2-D argument tells, or the first two dims are equal.
-    """
+    """0 or 1 from a block call: where a ``[batch, seq]`` mask argument puts the batch (a
+    block given ``[seq, batch, C]`` states with a ``[batch, seq]`` padding mask, fairseq's
+    layout, is sequence-first). None when no 2-D argument tells, or the first two dims are equal."""
     if hidden.ndim < 3 or hidden.shape[0] == hidden.shape[1]:
         return None
     first_two = tuple(hidden.shape[:2])
@@ -106,8 +100,9 @@ def infer_batch_dim(hidden: torch.Tensor, args: tuple, kwargs: dict) -> Optional
 class StackHooks:
     """A pre- and a post-forward hook on every block of one or more candidate stacks.
 
-    Idle (no pass armed, no noisy graph alive) a hook reads two attributes and returns, so a
-    forward without RAPT is unchanged.
+    Idle (no pass armed, no noisy graph alive, or traced by torch.compile) a hook reads two
+    attributes and returns, so a forward without RAPT is unchanged; anything else runs eagerly
+    (a compiled model breaks its graph there, in a noisy pass).
 
     Args:
         stacks: The candidate stacks' blocks, each in call order.
@@ -126,10 +121,9 @@ class StackHooks:
             for block in blocks:
                 if id(block) not in self._stack_of:  # a block of two candidates: hooked once
                     self._stack_of[id(block)] = index
-                    self._handles.append(
-                        (index, block.register_forward_pre_hook(self._pre, with_kwargs=True))
-                    )
-                    self._handles.append((index, block.register_forward_hook(self._post)))
+                    pre = block.register_forward_pre_hook(self._pre, with_kwargs=True)
+                    post = block.register_forward_hook(self._post)
+                    self._handles += [(index, pre), (index, post)]
 
     @property
     def installed(self) -> bool:
@@ -158,9 +152,8 @@ class StackHooks:
     def keep_only(self, index: int) -> None:
         """Keep only stack ``index`` (a forward showed it is the one that runs), as stack 0."""
         assert self._handles is not None  # a pass just ran
-        for other, handle in self._handles:
-            if other != index:
-                handle.remove()
+        for handle in (h for i, h in self._handles if i != index):
+            handle.remove()
         self._handles = [(0, h) for i, h in self._handles if i == index]
         self._batch_dims = [self._batch_dims[index]]
         self._stack_of = {b: 0 for b, i in self._stack_of.items() if i == index}
@@ -171,19 +164,15 @@ class StackHooks:
             handle.remove()
         self._handles, self._pass = None, None
 
-    # -- the hooks: enter the frame, count the call, add the noise at its point -------------
-    # Idle and with no noisy graph alive (or traced by torch.compile) a hook returns at once;
-    # anything else runs eagerly (a compiled model breaks its graph there, in a noisy pass).
+    # The hooks: enter the frame, count the call, add the noise at its point (or replay it).
 
     def _pre(self, module: nn.Module, args: tuple, kwargs: dict) -> Any:
-        if self._pass is None and (torch.compiler.is_compiling() or not replay.pending()):
-            return None
-        return self._eager_pre(module, args, kwargs)
+        idle = self._pass is None and (torch.compiler.is_compiling() or not replay.pending())
+        return None if idle else self._eager_pre(module, args, kwargs)
 
     def _post(self, module: nn.Module, args: tuple, output: Any) -> Any:
-        if self._pass is None and (torch.compiler.is_compiling() or not replay.pending()):
-            return None
-        return self._eager_post(module, output)
+        idle = self._pass is None and (torch.compiler.is_compiling() or not replay.pending())
+        return None if idle else self._eager_post(module, output)
 
     @torch.compiler.disable
     def _eager_pre(self, module: nn.Module, args: tuple, kwargs: dict) -> Any:
@@ -228,10 +217,8 @@ class StackHooks:
 
     def _add(self, p: NoisyPass, call: replay.Call, hidden: torch.Tensor) -> torch.Tensor:
         """``hidden + delta``, noted in ``p`` and in ``call`` (for a recomputation)."""
-        assert p.stack is not None
-        call.noise = (p.perturb, self.batch_dim(p.stack))
-        delta = p.perturb(hidden, self.batch_dim(p.stack))
+        call.noise = (p.perturb, self.batch_dim(p.stack or 0))
+        delta = p.perturb(hidden, call.noise[1])
         p.applied = True
-        with torch.no_grad():
-            p.noise_ratio = delta.detach().float().norm() / hidden.detach().float().norm()
+        p.noise_ratio = delta.detach().float().norm() / hidden.detach().float().norm()
         return hidden + delta

@@ -4,13 +4,9 @@ Algorithm 1, lines 5-6 of the RAPT paper: ``delta ~ N(0, sigma^2 I)``, then
 ``delta <- eta * delta / ||delta||_inf``, the norm taken per example over all of its positions
 and features, so every example's noise has inf-norm exactly ``eta`` and ``sigma`` cancels.
 
-One path serves every case: the states are viewed batch-first as ``[batch, positions,
-features]`` (positions: the dimension after the batch's) and the norm is taken over the
-positions a ``noise_mask`` keeps (no mask: all of them). With ``noise_mask`` (``[batch, seq]``,
-True on real tokens) padding gets no noise and an example's norm is taken over its real tokens
-only, so its noise does not depend on the padding; with ``segment_ids`` every (row, segment)
-pair of a packed batch is scaled as one example. Both are ``[batch, seq]`` whatever the layout
-(``batch_dim=1``: ``[seq, batch, ...]``). Vectorised: no host syncs.
+One vectorised path (no host syncs): states viewed batch-first as ``[batch, positions,
+features]``, norms over the positions a ``noise_mask`` keeps; masks are ``[batch, seq]`` in any
+layout (:func:`scale_noise`), so padding changes no example's noise.
 """
 
 from __future__ import annotations
@@ -49,11 +45,11 @@ def check_token_masks(
             f"noise_mask must be a bool tensor (True on real tokens), got {noise_mask.dtype}: "
             "pass attention_mask.bool()"
         )
-    if segment_ids is not None and (segment_ids.is_floating_point() or segment_ids.is_complex()
-                                    or segment_ids.dtype == torch.bool):  # fmt: skip
+    ids = torch.int64 if segment_ids is None else segment_ids.dtype
+    if ids.is_floating_point or ids.is_complex or ids == torch.bool:
         raise RaptRegError(
-            f"segment_ids must be an integer tensor (one id per packed example), got "
-            f"{segment_ids.dtype}: pass e.g. (position_ids == 0).cumsum(-1)"
+            f"segment_ids must be an integer tensor (one id per packed example), got {ids}: "
+            "pass e.g. (position_ids == 0).cumsum(-1)"
         )
     if shape is None or not given:
         return
@@ -76,17 +72,20 @@ def check_token_masks(
             )
 
 
-def _groups(x: torch.Tensor, batch_dim: int) -> torch.Tensor:
-    """``x`` batch-first as ``[batch, positions, features]`` (a view where possible)."""
+def _groups(x: torch.Tensor, batch_dim: int, noise_mask: Optional[torch.Tensor]):
+    """``x`` as ``[batch, positions, features]`` and ``noise_mask`` as ``[..., 1]`` (None: all)."""
     first = x.movedim(batch_dim, 0) if x.ndim else x.reshape(1)
     positions = first.shape[1] if first.ndim > 1 else 1
-    return first.reshape(first.shape[0], positions, math.prod(first.shape[2:]))
+    groups = first.reshape(first.shape[0], positions, math.prod(first.shape[2:]))
+    if noise_mask is None:
+        return groups, groups.new_ones((*groups.shape[:2], 1), dtype=torch.bool)
+    return groups, noise_mask.to(groups.device)[..., None]
 
 
 def _total(values: torch.Tensor, per_token: bool, segment_ids: Optional[torch.Tensor], reduce: str):
     """``values`` ``[batch, positions]`` (>= 0) reduced ("amax"/"sum") over each one's group:
-    the position itself (``per_token``), its (row, segment) pair, or its row. Segment ids may be
-    any integers: sorting each row ranks them into groups ``scatter_reduce`` can index."""
+    the position (``per_token``), its (row, segment) pair (segment ids ranked by sorting each
+    row, so any integers work), or its row."""
     if per_token:
         return values
     if segment_ids is None:
@@ -97,13 +96,6 @@ def _total(values: torch.Tensor, per_token: bool, segment_ids: Optional[torch.Te
     group = torch.empty_like(order).scatter_(1, order, starts.long().cumsum(1) - 1)
     totals = torch.zeros_like(values).scatter_reduce(1, group, values, reduce=reduce)
     return totals.gather(1, group)
-
-
-def _keep(noise_mask: Optional[torch.Tensor], groups: torch.Tensor) -> torch.Tensor:
-    """The mask as ``[batch, positions, 1]`` on ``groups``' device (no mask: all True)."""
-    if noise_mask is None:
-        return torch.ones((*groups.shape[:2], 1), dtype=torch.bool, device=groups.device)
-    return noise_mask.to(groups.device)[..., None]
 
 
 def scale_noise(
@@ -129,6 +121,7 @@ def scale_noise(
         segment_ids: Optional integer ``[batch, seq]``: each (row, id) pair is one example.
 
     Example:
+        >>> _ = torch.manual_seed(0)  # float rounding: other draws may give 1.9999999
         >>> d = scale_noise(torch.randn(2, 3, 4), eta=2.0)
         >>> d.flatten(1).abs().amax(1)
         tensor([2., 2.])
@@ -140,8 +133,8 @@ def scale_noise(
     if norm not in NORMS:
         raise RaptRegError(f"norm must be one of {NORMS}, got {norm!r}")
     check_token_masks(noise_mask, segment_ids, tuple(delta.shape), batch_dim)
-    groups = _groups(delta, batch_dim)
-    groups = torch.where(_keep(noise_mask, groups), groups, 0.0)
+    groups, keep = _groups(delta, batch_dim, noise_mask)
+    groups = torch.where(keep, groups, 0.0)
     if norm is not None:
         if norm == "inf":
             size = _total(groups.abs().amax(-1), per_token, segment_ids, "amax")
@@ -170,10 +163,8 @@ def hidden_rms(
         tensor([3., 3.])
     """
     check_token_masks(noise_mask, segment_ids, tuple(hidden.shape), batch_dim)
-    groups = _groups(
-        hidden.detach().to(torch.promote_types(hidden.dtype, torch.float32)), batch_dim
-    )
-    keep = _keep(noise_mask, groups)
+    work = hidden.detach().to(torch.promote_types(hidden.dtype, torch.float32))
+    groups, keep = _groups(work, batch_dim, noise_mask)
     total = _total(torch.where(keep, groups.square(), 0.0).sum(-1), per_token, segment_ids, "sum")
     count = _total(keep[..., 0] * float(groups.shape[-1]), per_token, segment_ids, "sum")
     rms = (total / count.clamp_min(1.0)).sqrt()

@@ -16,13 +16,7 @@ from torch import nn
 
 from . import divergence as div
 from . import replay
-from .discovery import (
-    BlocksSpec,
-    BlockStack,
-    ambiguity_error,
-    find_block_stacks,
-    resolve_blocks,
-)
+from .discovery import BlocksSpec, BlockStack, ambiguity_error, find_block_stacks, resolve_blocks
 from .errors import RaptRegError
 from .head import HeadHook, HeadSpec, find_head
 from .hooks import NoisyPass, Perturb, StackHooks
@@ -132,13 +126,10 @@ class PerturbationRegularizer(abc.ABC):
             raise RaptRegError("generator must be a CPU torch.Generator (noise is seeded from it)")
         self.model, self.nonfinite = model, nonfinite
         self.alpha, self.divergence = check_number("alpha", alpha), div.resolve(divergence)
-        if blocks is not None:
-            self.stacks = [resolve_blocks(model, blocks)]
-        else:
-            self.stacks = find_block_stacks(model, prefer=prefer)
+        stacks = find_block_stacks(model, prefer=prefer) if blocks is None else None
+        self.stacks = stacks or [resolve_blocks(model, blocks)]
         if batch_dim is not None:
-            check_int("batch_dim", batch_dim)
-            self.stacks = [s.with_batch_dim(batch_dim) for s in self.stacks]
+            self.stacks = [s.with_batch_dim(check_int("batch_dim", batch_dim)) for s in self.stacks]
         found = find_head(model, head)
         # Every check passed: one draw seeds this regularizer's RNG (no step draws from torch's).
         self._rng = random.Random(int(torch.randint(0, 2**62, (), generator=generator)))
@@ -187,7 +178,7 @@ class PerturbationRegularizer(abc.ABC):
         self._check_callable(noisy_forward)
         check_token_masks(noise_mask, segment_ids)
         step = Step(logits_of(clean_output), False, mask, noise_mask, segment_ids)
-        return self._step(noisy_forward, step) if self._training() else self._eval_penalty(step)
+        return self._run(noisy_forward, step)
 
     def pair(
         self,
@@ -209,8 +200,9 @@ class PerturbationRegularizer(abc.ABC):
         with self._capture("clean") as captured:
             output = forward()
         clean = captured[0] if captured else logits_of(output)
-        step = Step(clean, bool(captured), mask, noise_mask, segment_ids)
-        return output, self._step(forward, step) if self._training() else self._eval_penalty(step)
+        return output, self._run(
+            forward, Step(clean, bool(captured), mask, noise_mask, segment_ids)
+        )
 
     @property
     def skipped_steps(self) -> int:
@@ -314,22 +306,18 @@ class PerturbationRegularizer(abc.ABC):
             )
         if p.others:
             raise ambiguity_error([self.stacks[i] for i in (p.stack or 0, *p.others)])
+        if len(self.stacks) > 1:
+            self._hooks.keep_only(p.stack or 0)
         stack = self.stacks[p.stack or 0]
+        self.stacks = [stack.with_calls(p.calls, self._hooks.batch_dim(0))]
         if not p.applied or max_layer > p.calls:
             raise RaptRegError(
                 f"the noise did not reach the model: max_layer={max(max_layer, p.layer)} but "
-                f"the forward ran the blocks of {stack.path or ','.join(stack.names)!r} "
-                f"{p.calls} times: use max_layer <= {p.calls}, or pass blocks= naming the stack "
-                "this forward runs"
+                f"the forward ran the blocks of {self.stack_path!r} {p.calls} times: use "
+                f"max_layer <= {p.calls}, or pass blocks= naming the stack this forward runs"
             )
-        if len(self.stacks) > 1:
-            self._hooks.keep_only(p.stack or 0)
-        self.stacks = [stack.with_calls(p.calls, self._hooks.batch_dim(0))]
         if stack.calls_per_forward != p.calls:
             logger.info("rapt-reg perturbs %r: %d block calls a forward", self.stack_path, p.calls)
-
-    def _training(self) -> bool:
-        return any(b.training for s in self.stacks for b in s.blocks)
 
     def _devices(self) -> set[torch.device]:
         return {p.device for p in self.model.parameters()}
@@ -341,7 +329,10 @@ class PerturbationRegularizer(abc.ABC):
                 "lambda: model(**batch)"
             )
 
-    def _eval_penalty(self, step: Step) -> torch.Tensor:
+    def _run(self, noisy_forward: Callable[[], Output], step: Step) -> torch.Tensor:
+        """The penalty in training mode; in eval mode 0, said once."""
+        if any(b.training for s in self.stacks for b in s.blocks):
+            return self._step(noisy_forward, step)
         if not self._warned_eval:
             self._warned_eval = True
             warnings.warn(
@@ -491,10 +482,8 @@ class RandomPerturbationRegularizer(PerturbationRegularizer):
         head: HeadSpec = None,
     ) -> None:
         self.eta, self.sigma = check_number("eta", eta), check_number("sigma", sigma)
-        self.max_layer, self.min_layer = (
-            check_int("max_layer", max_layer),
-            check_int("min_layer", min_layer),
-        )
+        self.max_layer = check_int("max_layer", max_layer)
+        self.min_layer = check_int("min_layer", min_layer)
         if min_layer > max_layer:
             raise RaptRegError(f"min_layer={min_layer} is greater than max_layer={max_layer}")
         if norm not in NORMS:
@@ -514,11 +503,11 @@ class RandomPerturbationRegularizer(PerturbationRegularizer):
         # Line 3: the layer r, uniformly from {min_layer, ..., max_layer} (0: embedding output).
         layer = self._rng.randint(self.min_layer, self.max_layer)
         seed = self._rng.getrandbits(62)
+        masks = step.noise_mask, step.segment_ids  # the pass's frame keeps delta, never the logits
 
         @torch.compiler.disable
         def delta(hidden: torch.Tensor, batch_dim: int) -> torch.Tensor:
             # Lines 5-6, per example: d ~ N(0, sigma^2 I); delta = eta * d / ||d||_inf.
-            masks = step.noise_mask, step.segment_ids
             check_token_masks(*masks, tuple(hidden.shape), batch_dim, self.stack_path)
             where: dict[str, Any] = dict(zip(("noise_mask", "segment_ids"), masks))
             where.update(batch_dim=batch_dim, per_token=self.per_token)

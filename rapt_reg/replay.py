@@ -39,9 +39,8 @@ _MASK64 = 2**64 - 1
 
 @dataclass(eq=False)
 class Call:
-    """One hook call of a noisy pass: whose, which, the state it found, and if it was replayed."""
+    """One hook call of a noisy pass: which, the state it found, and if it was replayed."""
 
-    owner: object
     seed: int  # the frame's
     number: int
     module: nn.Module
@@ -55,7 +54,7 @@ class Call:
 class Frame:
     """One noisy pass: whose it is, its seed, the model it runs, and its hook calls."""
 
-    owner: object  # the hooks object whose calls these are
+    owner: Any  # the hooks object whose calls these are (``installed`` while they are)
     seed: int
     model: nn.Module
     calls: list[Call] = field(default_factory=list)
@@ -117,7 +116,7 @@ def stream(frame: Frame, devices: Iterable[torch.device] = ()) -> Iterator[Frame
 def _conflict(live: Frame, new: Frame) -> bool:
     """Whether ``live``'s hooks, still installed, could see ``new``'s states (same seed, and
     their models share a module)."""
-    if live.seed != new.seed or not getattr(live.owner, "installed", True):
+    if live.seed != new.seed or not live.owner.installed:
         return False
     a, b = live.model, new.model
     return a is b or not {id(m) for m in a.modules()}.isdisjoint(id(m) for m in b.modules())
@@ -137,7 +136,7 @@ def enter(frame: Frame, module: nn.Module, where: str) -> Call:
             "the global RNG (torch.manual_seed inside the model) or runs a noisy pass inside "
             "another one cannot be told apart from a recomputation. Seed outside the forward"
         )
-    call = Call(frame.owner, frame.seed, len(frame.calls), module, where, torch.get_rng_state())
+    call = Call(frame.seed, len(frame.calls), module, where, torch.get_rng_state())
     frame.calls.append(call)
     _CALLS[key] = call
     _reseed(frame.seed, call.number)

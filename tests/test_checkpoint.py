@@ -200,15 +200,33 @@ def test_checkpoint_sequential_is_exact(segments, reentrant, form):
 # -- the identities themselves (rapt_reg.replay) -------------------------------------------
 
 
+class _Owner:
+    """A hooks object as a frame's owner: installed."""
+
+    installed = True
+
+
 def _frame(seed: int, owner: object = None, model: nn.Module | None = None) -> replay.Frame:
-    return replay.Frame(owner if owner is not None else object(), seed, model or nn.Linear(1, 1))
+    return replay.Frame(owner if owner is not None else _Owner(), seed, model or nn.Linear(1, 1))
+
+
+def test_call_seeds_are_splitmix64_of_the_pass_seed_and_call_number():
+    """The seed a call re-seeds the stream with is splitmix64's output (a bijection of its
+    counter, so distinct calls of one pass never share a seed): its published test vectors."""
+    before = torch.get_rng_state()
+    seeds = []
+    for seed, number in ((0, 0), (0, 1), (0, 2)):
+        replay._reseed(seed, number)
+        seeds.append(torch.default_generator.initial_seed())
+    torch.set_rng_state(before)
+    assert seeds == [0xE220A8397B1DCDAF, 0x6E789E6AA1B965F4, 0x06C45D188009454F]
 
 
 @pytest.mark.promise("identity-refusals")
 def test_every_call_finds_a_state_of_its_own_and_only_its_recomputation_finds_it():
     """enter() records the state a call found and re-seeds; find() is true only where that
     state is restored (as a checkpoint restores it), for that owner, module and hook."""
-    owner, block, other = object(), nn.Linear(2, 2), nn.Linear(2, 2)
+    owner, block, other = _Owner(), nn.Linear(2, 2), nn.Linear(2, 2)
     frame = _frame(7, owner)
     with replay.stream(frame):
         region = torch.get_rng_state()  # what a checkpoint saves when its region starts
@@ -219,7 +237,7 @@ def test_every_call_finds_a_state_of_its_own_and_only_its_recomputation_finds_it
     assert not torch.equal(first.state, second.state)  # two calls never share a state
     assert replay.find(owner, block, "pre") is None  # the RNG is elsewhere now
     torch.set_rng_state(region)  # a recomputation of the region starts
-    assert replay.find(object(), block, "pre") is None  # another owner's hook: not its call
+    assert replay.find(_Owner(), block, "pre") is None  # another owner's hook: not its call
     assert replay.find(owner, block, "pre") is first  # found, and re-seeded as then
     assert replay.find(owner, block, "pre") is second
     assert torch.equal(torch.get_rng_state(), after)
@@ -234,7 +252,7 @@ def test_every_call_finds_a_state_of_its_own_and_only_its_recomputation_finds_it
 
 
 def test_records_live_exactly_as_long_as_their_frame():
-    owner, block = object(), nn.Linear(2, 2)
+    owner, block = _Owner(), nn.Linear(2, 2)
     frame = _frame(3, owner)
     with replay.stream(frame):
         region = torch.get_rng_state()
@@ -278,8 +296,13 @@ def test_a_forward_that_reseeds_the_global_rng_is_refused():
         torch.manual_seed(0)
         replay.enter(frame, block, "pre")
         torch.manual_seed(0)
-        with pytest.raises(RaptRegError, match="re-seeds the global RNG"):
+        with pytest.raises(RaptRegError) as refused:
             replay.enter(frame, block, "pre")
+    assert str(refused.value) == (
+        "a noisy pass found the RNG state of a recorded hook call: a forward that re-seeds the "
+        "global RNG (torch.manual_seed inside the model) or runs a noisy pass inside another one "
+        "cannot be told apart from a recomputation. Seed outside the forward"
+    )
 
 
 def test_a_stream_seeds_the_cpu_rng_and_restores_it():

@@ -68,23 +68,31 @@ def _rows(n=36, seed=0):
     ]
 
 
-def _tiny_model(folder, layers=4, seed=0):
-    from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
+def _tiny_model(folder, layers=4, seed=0, shared=False):
+    """A tiny random BERT classifier; ``shared``: an ALBERT whose one layer runs ``layers``
+    times a forward."""
+    import transformers
+    from transformers import (
+        AlbertConfig,
+        AlbertForSequenceClassification,
+        BertConfig,
+        BertForSequenceClassification,
+        BertTokenizerFast,
+    )
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     vocab = folder.parent / f"{folder.name}-vocab.txt"
     vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]))
-    config = BertConfig(
-        vocab_size=15,
-        hidden_size=16,
-        num_hidden_layers=layers,
-        num_attention_heads=2,
-        intermediate_size=32,
-        max_position_embeddings=32,
-    )
+    transformers.utils.logging.disable_progress_bar()  # as the tool does: stderr is checked
+    sizes = dict(vocab_size=15, hidden_size=16, num_hidden_layers=layers, num_attention_heads=2,
+                 intermediate_size=32, max_position_embeddings=32)  # fmt: skip
     torch.manual_seed(seed)
-    BertForSequenceClassification(config).save_pretrained(folder)
+    if shared:
+        config = AlbertConfig(**sizes, embedding_size=8, num_hidden_groups=1)
+        AlbertForSequenceClassification(config).save_pretrained(folder)
+    else:
+        BertForSequenceClassification(BertConfig(**sizes)).save_pretrained(folder)
     BertTokenizerFast(vocab_file=str(vocab)).save_pretrained(folder)
     return str(folder)
 
@@ -475,11 +483,22 @@ def _parser_refused(argv, capsys):
 def test_max_layer_beyond_the_model_is_refused_before_training(tiny, tmp_path, capsys):
     two = _tiny_model(tmp_path / "two", layers=2)
     err = _refused(tiny, tmp_path, capsys, model=two)  # the default --max-layer 3
-    assert "--max-layer 3: the model in" in err and "has 2 transformer blocks" in err
+    assert "--max-layer 3: the model in" in err and "runs 2 transformer block calls" in err
     assert "pass --max-layer 2 or lower" in err
     err = _refused(tiny, tmp_path, capsys, "--max-layer", "0,1,6")
-    assert "--max-layer 6" in err and "has 4 transformer blocks" in err
+    assert "--max-layer 6" in err and "runs 4 transformer block calls" in err
     argv = _args({**tiny, "model": two}, tmp_path / "ok", "--max-layer", "2", "--seeds", "1")
+    assert cli.main(argv) == 0
+
+
+@pytest.mark.promise("compare-refusals")
+def test_max_layer_counts_the_calls_of_a_shared_layer(tiny, tmp_path, capsys):
+    """ALBERT runs its one shared layer 4 times a forward: RAPT's layers are its 4 calls, so
+    --max-layer 3 trains and 6 is refused naming the 4 calls (not the 1 block)."""
+    albert = _tiny_model(tmp_path / "albert", layers=4, shared=True)
+    err = _refused(tiny, tmp_path, capsys, "--max-layer", "6", model=albert)
+    assert "runs 4 transformer block calls" in err and "pass --max-layer 4 or lower" in err
+    argv = _args({**tiny, "model": albert}, tmp_path / "ok", "--max-layer", "3", "--seeds", "1")
     assert cli.main(argv) == 0
 
 

@@ -92,6 +92,34 @@ def test_head_aware_divergence_equals_the_plain_formula(
         assert _relative(ours, want) <= bound
 
 
+@pytest.mark.promise("head-once")
+def test_a_head_penalty_makes_each_chunks_logits_once_and_is_backpropagated_once():
+    """With head= the gradients are made in the forward, in its one pass over each chunk's
+    logits; a second backward (retain_graph=True) is refused. The logits penalty recomputes
+    each chunk in every backward instead."""
+    calls = []
+
+    def counted(a, b):
+        calls.append(a.shape[0])
+        return div.sym_kl(a, b)
+
+    hidden = torch.randn(6, 4, requires_grad=True)
+    weight = torch.randn(10, 4, requires_grad=True)
+    head = Head(weight)
+    value = div.reduce_divergence(
+        counted, hidden, torch.randn(6, 4), head=head, clean_is_hidden=True, chunk_positions=2
+    )
+    value.backward(retain_graph=True)
+    assert calls == [2, 2, 2] and weight.grad is not None and hidden.grad is not None
+    with pytest.raises(ValueError, match="backpropagated twice"):
+        value.backward()
+    logits = F.linear(hidden, weight)
+    value = div.reduce_divergence(counted, logits, logits.detach() + 1, chunk_positions=2)
+    value.backward(retain_graph=True)
+    value.backward()
+    assert calls == [2] * 12
+
+
 # -- through the regularizers: transformers causal LMs ----------------------------------------
 
 
@@ -209,7 +237,7 @@ def test_the_noisy_pass_and_the_penalty_build_no_whole_logits(monkeypatch):
     pass, the penalty and its backward, no tensor holds more than one chunk of positions'
     logits (4 of 30 here); the noisy pass's logits have no position at all (one on the first
     pass, compared with the penalty's own)."""
-    monkeypatch.setattr(div, "CHUNK_BYTES", 4 * 4 * 96)  # 4 positions of a 96-word vocabulary
+    monkeypatch.setattr(div, "HEAD_CHUNK_BYTES", 4 * 4 * 96)  # 4 positions of a 96-word vocabulary
     model = _causal_lm("llama")
     batch = _batch()
     reg = rapt_reg.RandomPerturbationRegularizer(model, min_layer=1, max_layer=1, head="auto")

@@ -510,6 +510,13 @@ CALL_CASES: dict[str, tuple[Callable[[], nn.Module], Callable[[nn.Module], Calla
             lambda r, m: r(lambda: m(IDS), torch.zeros(2, 7, requires_grad=True)),
         ),
     ),
+    "head penalty backpropagated twice": (
+        _model,
+        _call(
+            functools.partial(RAPT, head="head"),
+            lambda r, m: _backward_twice(r.pair(lambda: m(IDS))),
+        ),
+    ),
     "smart ascent without grad": (
         _model,
         _call(
@@ -541,6 +548,12 @@ CALL_CASES: dict[str, tuple[Callable[[], nn.Module], Callable[[nn.Module], Calla
         _call(R3FRegularizer, lambda r, m: r(lambda: m.head(torch.ones(2, 8)), m(IDS))),
     ),
 }
+
+
+def _backward_twice(pair: tuple[Any, torch.Tensor]) -> None:
+    output, penalty = pair
+    (output.sum() + penalty).backward(retain_graph=True)
+    penalty.backward()
 
 
 def _run_traced(fn: Callable[[], Any]) -> None:

@@ -1187,3 +1187,41 @@ def test_a_regularizer_without_blocks_follows_the_model_training_flag():
     model.eval()
     with pytest.warns(UserWarning, match="R3FRegularizer adds noise only in training mode"):
         assert reg.pair(lambda: model(ids))[1].item() == 0.0
+
+
+def _reachable(roots: list, target: torch.Tensor) -> bool:
+    """Whether ``target`` can be reached from ``roots`` by references (modules not entered)."""
+    import gc
+
+    seen, todo = set(), list(roots)
+    while todo:
+        obj = todo.pop()
+        if obj is target:
+            return True
+        if id(obj) in seen or isinstance(obj, (nn.Module, type)):
+            continue
+        seen.add(id(obj))
+        todo.extend(gc.get_referents(obj))
+    return False
+
+
+@pytest.mark.promise("no-lingering-output")
+@pytest.mark.parametrize("method", ["rapt", "r3f", "smart"])
+def test_a_noisy_pass_keeps_nothing_of_the_clean_output_alive(method):
+    """A noisy pass's frame lives as long as its graph (for checkpoint replay); it must not hold
+    the clean output (a [batch, seq, vocab] tensor at an LLM's scale) through its noise: at 128k
+    words that kept the clean logits alive through the noisy pass's backward."""
+    from rapt_reg import R3FRegularizer, SmartRegularizer
+
+    torch.manual_seed(0)
+    model = TinyTransformer(token_level=True).train()
+    make = {"rapt": RandomPerturbationRegularizer, "r3f": R3FRegularizer,
+            "smart": SmartRegularizer}[method]  # fmt: skip
+    reg = make(model)
+    x = torch.randint(0, 50, (2, 5))
+    clean = model(x)
+    penalty = reg(lambda: model(x), clean, noise_mask=torch.ones(2, 5, dtype=torch.bool))
+    frames = list(replay._FRAMES)
+    assert frames and penalty.requires_grad  # the graph (and so the frame) is alive
+    assert not _reachable(frames, clean)
+    reg.remove()

@@ -98,7 +98,7 @@ class R3FRegularizer(PerturbationRegularizer):
 
     def _step(self, noisy_forward: Callable[[], Output], step: Step) -> torch.Tensor:
         """One noisy pass with R3F's noise at the embedding output; the penalty."""
-        seed = self._rng.getrandbits(62)
+        seed, noise_mask = self._rng.getrandbits(62), step.noise_mask  # not step: its logits
 
         @torch.compiler.disable
         def delta(hidden: torch.Tensor, batch_dim: int) -> torch.Tensor:
@@ -111,7 +111,7 @@ class R3FRegularizer(PerturbationRegularizer):
             )
             # Elementwise noise: segments need nothing; padding gets none.
             sample = scale_noise(
-                sample, eta=0.0, norm=None, batch_dim=batch_dim, noise_mask=step.noise_mask
+                sample, eta=0.0, norm=None, batch_dim=batch_dim, noise_mask=noise_mask
             )
             return sample.to(hidden.dtype)
 

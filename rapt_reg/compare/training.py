@@ -575,26 +575,40 @@ def load_model(config: CompareConfig, num_labels: int) -> LoadedModel:
             f"AutoModelForSequenceClassification ({type(error).__name__}: {first}); it needs "
             "config.json, the weights and the tokenizer files, as save_pretrained writes them"
         ) from error
-    depth = _check_methods(config, model, path)
+    depth = _check_methods(config, model, tokenizer, path)
     return LoadedModel(tokenizer, load, path, depth)
 
 
-def _check_methods(config: CompareConfig, model: nn.Module, path: str) -> int:
+def _block_calls(model: nn.Module, tokenizer: Any) -> tuple[int, str]:
+    """The block calls one forward makes, counted as RAPT counts them (ALBERT's shared layer
+    runs several times), and the stack's path: one noise-free pass on one short text."""
+    was_training, batch = model.training, tokenizer(["a b c"], return_tensors="pt")
+    generator = torch.Generator().manual_seed(0)  # the global RNG is not drawn from
+    with torch.random.fork_rng(devices=[]), torch.no_grad():
+        model.train()
+        with rapt_reg.RandomPerturbationRegularizer(
+            model, eta=0.0, min_layer=0, max_layer=0, generator=generator
+        ) as reg:
+            reg.pair(lambda: model(**batch))
+    model.train(was_training)
+    return reg.stack.calls_per_forward or 0, reg.stack_path
+
+
+def _check_methods(config: CompareConfig, model: nn.Module, tokenizer: Any, path: str) -> int:
     # Build each variant's regularizer on the model and remove it: whatever the constructor
     # would refuse in the first training step is refused now.
     variants = [v for v in config.variants() if v.method != "standard"]
     depth = 0
     if any(v.method in ("rapt", "rapt-embedding") for v in variants):
         try:
-            stack = rapt_reg.find_transformer_blocks(model)
+            depth, where = _block_calls(model, tokenizer)
         except RaptRegError as error:
             raise RaptRegError(f"--model {path}: RAPT cannot find its blocks: {error}") from None
-        depth = stack.calls_per_forward
         deepest = max(v.max_layer for v in variants)
         if deepest > depth:
             raise RaptRegError(
-                f"--max-layer {deepest}: the model in {path} has {depth} transformer blocks "
-                f"({stack.path or stack.names[0]}), so RAPT can perturb layers 0 to {depth}; "
+                f"--max-layer {deepest}: the model in {path} runs {depth} transformer block "
+                f"calls a forward ({where}), so RAPT can perturb layers 0 to {depth}; "
                 f"pass --max-layer {depth} or lower"
             )
     for variant in variants:
