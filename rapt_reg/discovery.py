@@ -1,9 +1,8 @@
 """Find the transformer blocks of any model by introspection.
 
-A *stack* is a container (``nn.ModuleList``, ``nn.Sequential`` or ``nn.ModuleDict``) whose
-members all have one class and contain attention; the outermost wins (ALBERT's inner layer list,
-per-head lists are left out). Which stack wins among several: :func:`find_block_stacks`.
-"""
+A *stack* is an ``nn.ModuleList``, ``nn.Sequential`` or ``nn.ModuleDict`` whose members share
+one class and contain attention; the outermost wins (not ALBERT's inner layer list, nor per-head
+lists). Which of several stacks wins: :func:`find_block_stacks`."""
 
 from __future__ import annotations
 
@@ -33,13 +32,10 @@ class BlockStack:
     Attributes:
         path: Dotted path of the container in the (unwrapped) model (``""``: a list by hand).
         names: Dotted path of each block.
-        blocks: The block modules; one may run several times a forward (ALBERT's shared
-            layer, a looped stack): layers are counted by call.
-        calls_per_forward: Block calls the last noisy forward made, counted as they ran,
-            never read from a config (None before the first).
-        batch_dim: The hidden states' dimension that indexes examples: a ``batch_first``
-            attribute's, or ``batch_dim=``; None until the first noisy pass decides
-            (:func:`rapt_reg.hooks.infer_batch_dim`, 0 when nothing tells).
+        blocks: The block modules; one may run several times a forward (ALBERT's layer, a loop).
+        calls_per_forward: Block calls (= layers) the last noisy forward made, never from a config.
+        batch_dim: The hidden states' example dimension: ``batch_first``'s, ``batch_dim=``, else
+            the first noisy pass's (:func:`rapt_reg.hooks.infer_batch_dim`, or 0); None until then.
     """
 
     path: str
@@ -64,9 +60,8 @@ class BlockStack:
 def unwrap_model(model: nn.Module) -> nn.Module:
     """Strip DDP/DataParallel/FSDP/DeepSpeed, torch.compile and PEFT wrappers, outermost first."""
     inner = None
-    if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)) or (
-        type(model).__name__ in ("FullyShardedDataParallel", "DeepSpeedEngine")
-    ):
+    by_name = type(model).__name__ in ("FullyShardedDataParallel", "DeepSpeedEngine")
+    if by_name or isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
         inner = getattr(model, "module", None)
     elif hasattr(model, "_orig_mod"):
         inner = model._orig_mod  # torch.compile's OptimizedModule
@@ -85,11 +80,10 @@ def _has_attention(block: nn.Module) -> bool:
 
 def _make_stack(path: str, members: list[tuple[str, nn.Module]]) -> BlockStack:
     """The stack of ``members``; its batch dim from the first block's first ``batch_first``."""
-    blocks = tuple(m for _, m in members)
-    names = tuple(f"{path}.{n}" if path else n for n, _ in members)
-    flags = (getattr(m, "batch_first", None) for m in blocks[0].modules())
+    flags = (getattr(m, "batch_first", None) for m in members[0][1].modules())
     batch_dim = next((0 if f else 1 for f in flags if isinstance(f, bool)), None)
-    return BlockStack(path=path, names=names, blocks=blocks, batch_dim=batch_dim)
+    names = tuple(f"{path}.{n}" if path else n for n, _ in members)
+    return BlockStack(path, names, tuple(m for _, m in members), batch_dim=batch_dim)
 
 
 def multimodal_text_decoder(model: nn.Module) -> Optional[nn.Module]:
@@ -100,14 +94,12 @@ def multimodal_text_decoder(model: nn.Module) -> Optional[nn.Module]:
     model = unwrap_model(model)
     config = getattr(model, "config", None)
     try:
-        text_config = config.get_text_config(decoder=True)  # type: ignore[union-attr]
+        configs = (config, config.get_text_config(decoder=True))  # type: ignore[union-attr]
         decoder = model.get_decoder() if model.can_generate() else None  # type: ignore[operator]
     except (AttributeError, TypeError, ValueError):  # not transformers, or several text configs
         return None
-    configs = (config, text_config)
-    if text_config is config or any(getattr(c, "is_encoder_decoder", False) for c in configs):
-        return None
-    return decoder if isinstance(decoder, nn.Module) and decoder is not model else None
+    plain = configs[1] is config or any(getattr(c, "is_encoder_decoder", False) for c in configs)
+    return None if plain or not isinstance(decoder, nn.Module) or decoder is model else decoder
 
 
 def text_decoder_stack(model: nn.Module) -> Optional[BlockStack]:
@@ -123,17 +115,11 @@ def text_decoder_stack(model: nn.Module) -> Optional[BlockStack]:
 
 
 def find_block_stacks(model: nn.Module, *, prefer: Optional[str] = "auto") -> list[BlockStack]:
-    """All candidate stacks, or only those with ``prefer`` in a part of their path if any;
-    ``"auto"``: a multimodal generative model's text decoder's stack alone
-    (:func:`text_decoder_stack`), else ``"encoder"`` (an encoder-decoder's encoder). More than
-    one result means only a forward pass can tell which stack runs.
-
-    Raises:
-        BlockDiscoveryError: if no container holds same-class blocks with attention.
-    """
+    """All candidate stacks, or those with ``prefer`` in a part of their path if any (``"auto"``:
+    :func:`text_decoder_stack` alone if any, else ``"encoder"``, an encoder-decoder's); several:
+    only a forward can tell which runs. Raises :class:`BlockDiscoveryError` if there are none."""
     model = unwrap_model(model)
-    decoder = text_decoder_stack(model) if prefer == "auto" else None
-    if decoder is not None:
+    if prefer == "auto" and (decoder := text_decoder_stack(model)) is not None:
         return [decoder]
     prefer = "encoder" if prefer == "auto" else prefer
     seen: list[str] = []
@@ -154,8 +140,7 @@ def find_block_stacks(model: nn.Module, *, prefer: Optional[str] = "auto") -> li
             f"{len(seen)} containers: {'; '.join(seen) or 'none'}. Pass blocks='dotted.path' "
             "(or a list of modules) to say which modules are the blocks."
         )
-    preferred = [s for s in found if prefer and any(prefer in p for p in s.path.split("."))]
-    return preferred or found
+    return [s for s in found if prefer and any(prefer in p for p in s.path.split("."))] or found
 
 
 def find_transformer_blocks(
@@ -164,23 +149,19 @@ def find_transformer_blocks(
     """The stack of transformer blocks of ``model``, in the order they run.
 
     Args:
-        model: Any ``nn.Module`` (DDP, FSDP, DeepSpeed, ``torch.compile`` and PEFT wrappers
-            are seen through).
-        prefer: Part of a dotted path that wins when several stacks exist; ``"auto"``: a
-            multimodal generative model's text decoder (LLaVA, PaliGemma, Qwen2-VL...), else
-            an encoder-decoder's encoder (``prefer="encoder"`` on LLaVA is its vision tower).
-        blocks: Override: a dotted path to the container (or one block), or a list of modules
-            or paths.
+        model: Any ``nn.Module``; DDP, FSDP, DeepSpeed, torch.compile, PEFT wrappers seen through.
+        prefer: Part of a dotted path that wins among several stacks; ``"auto"``: a multimodal
+            generative model's text decoder (LLaVA, PaliGemma, Qwen2-VL...), else an
+            encoder-decoder's encoder (``prefer="encoder"`` on LLaVA is its vision tower).
+        blocks: Override: a dotted path to the container (or one block), or modules or paths.
 
     Raises:
         BlockDiscoveryError: if nothing is found, or several stacks remain (listed; fix: blocks=).
 
     Example:
-        >>> layer = nn.TransformerEncoderLayer(8, 2, batch_first=True)
-        >>> encoder = nn.TransformerEncoder(layer, 3, enable_nested_tensor=False)
-        >>> stack = find_transformer_blocks(encoder)
-        >>> stack.path, len(stack)
-        ('layers', 3)
+        >>> decoder = nn.TransformerDecoder(nn.TransformerDecoderLayer(8, 2), 3)
+        >>> find_transformer_blocks(decoder).names
+        ('layers.0', 'layers.1', 'layers.2')
     """
     if blocks is not None:
         return resolve_blocks(model, blocks)
@@ -224,8 +205,7 @@ def resolve_blocks(model: nn.Module, blocks: BlocksSpec) -> BlockStack:
             )
     if not members:
         raise BlockDiscoveryError("blocks= is empty: pass a dotted path or a list of modules")
-    target = members[0][1]
-    if isinstance(blocks, str) and isinstance(target, _CONTAINERS):
+    if isinstance(blocks, str) and isinstance(target := members[0][1], _CONTAINERS):
         if len(target) == 0:
             raise BlockDiscoveryError(f"blocks={blocks!r} is an empty container")
         return _make_stack(blocks, list(target.named_children()))

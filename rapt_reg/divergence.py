@@ -3,11 +3,9 @@
 The per-position functions (:func:`sym_kl`, :func:`kl`, :func:`js`, :func:`mse`, or any callable
 a user passes) are the formulas as written: ``(noisy, clean) -> [...]``, reducing the class
 dimension of ``[..., C]`` logits. :func:`reduce_divergence` averages one over the positions a
-mask keeps, in float32 at least and with autocast off, chunk by chunk: in backward it
-recomputes each chunk and lets autograd differentiate it, so ``[batch, seq, vocab]`` logits are
-never copied whole in float32 nor held again for backward. Given a head
-(:class:`rapt_reg.head.Head`), it makes each chunk's logits from the last hidden states itself,
-and their gradients at once (hidden-state and weight sized: no logits are kept).
+mask keeps, in float32 at least, autocast off, chunk by chunk (autograd differentiates each
+chunk), so ``[batch, seq, vocab]`` logits are never copied whole in float32 nor held again for
+backward; given a head (:class:`rapt_reg.head.Head`), it makes each chunk's logits itself.
 """
 
 from __future__ import annotations
@@ -27,7 +25,7 @@ Divergence = Callable[..., torch.Tensor]
 
 # A chunk holds at least CHUNK_BYTES of float32 [positions, classes] (32 positions at a 32,000
 # vocabulary) and at least 1/MAX_CHUNKS of the positions (few kernel launches on a GPU). A chunk
-# made with a head reads its whole weight four times: HEAD_CHUNK_BYTES, fewer and larger chunks.
+# made with a head reads its whole weight three times: HEAD_CHUNK_BYTES, fewer, larger chunks.
 CHUNK_BYTES = 4 * 2**20
 HEAD_CHUNK_BYTES = 8 * 2**20
 MAX_CHUNKS = 64
@@ -39,11 +37,10 @@ def kl_terms(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
 
 
 def sym_kl(noisy: torch.Tensor, clean: torch.Tensor) -> torch.Tensor:
-    """Symmetric KL as MT-DNN's ``SymKlCriterion`` (the framework RAPT was built on):
-    ``KL(sg(p_clean) || p_noisy) + KL(sg(p_noisy) || p_clean)``, each direction with the other
-    side a fixed target (``sg``: stop-gradient), so the gradient reaches both passes. Summed, the
-    two are ``sum(sg(p_clean - p_noisy) * (log p_clean - log p_noisy))``, in value and gradient:
-    computed so, a chunk holds fewer ``[positions, classes]`` temporaries."""
+    """Symmetric KL as MT-DNN's ``SymKlCriterion`` (RAPT's framework): ``KL(sg(p_clean) ||
+    p_noisy) + KL(sg(p_noisy) || p_clean)``, the other side a fixed target in each direction
+    (``sg``: stop-gradient), so the gradient reaches both passes. Computed with fewer temporaries
+    as ``sum(sg(p_clean - p_noisy) * (log p_clean - log p_noisy))``, equal in value and gradient."""
     log_noisy, log_clean = F.log_softmax(noisy, -1), F.log_softmax(clean, -1)
     return ((log_clean.exp() - log_noisy.exp()).detach() * (log_clean - log_noisy)).sum(-1)
 
@@ -80,50 +77,13 @@ def resolve(divergence: Union[str, Divergence]) -> Divergence:
     return DIVERGENCES[divergence]
 
 
-def check_outputs(noisy: torch.Tensor, clean: torch.Tensor, head: Optional[Head] = None,
-                  clean_is_hidden: bool = False) -> None:  # fmt: skip
-    """Refuse outputs no divergence can compare: other shapes, or not floating point."""
-    for name, t in (("noisy", noisy), ("clean", clean)):
-        if not t.is_floating_point():
-            raise RaptRegError(
-                f"{name} output has dtype {t.dtype}: the divergence needs floating-point logits, "
-                "not class indices or booleans"
-            )
-    wanted: tuple[int, ...] = tuple(noisy.shape)
-    if head is not None:
-        if noisy.shape[-1:] != head.weight.shape[1:]:
-            raise RaptRegError(
-                f"the noisy hidden states have shape {tuple(noisy.shape)} but the head's weight "
-                f"is {tuple(head.weight.shape)}: pass head= the module applied to them"
-            )
-        wanted = wanted if clean_is_hidden else (*wanted[:-1], head.weight.shape[0])
-    if tuple(clean.shape) != wanted:
-        raise RaptRegError(
-            f"noisy output has shape {tuple(noisy.shape)} but clean output has shape "
-            f"{tuple(clean.shape)}: both passes must return logits of the same shape"
-        )
-
-
-def _chunk(keep: Any, part: slice, inputs: Any, hidden_sides: int) -> tuple:
-    """Rows ``part`` of ``(noisy, clean, *weights)``: the rows ``keep`` drops zeroed (whatever
-    they held, even NaN, reaches nothing), and the logits of the first ``hidden_sides`` sides
-    made with the weights (``F.linear``)."""
-    kept = None if keep is None else keep[part]
-    rows = [x[part] if kept is None else torch.where(kept[:, None], x[part], 0) for x in inputs[:2]]
-    logits = [F.linear(x, *inputs[2:]) if i < hidden_sides else x for i, x in enumerate(rows)]
-    return kept, rows, logits
-
-
-def _sum(fn: Callable[..., torch.Tensor], kept: Any, a: Any, b: Any) -> torch.Tensor:
-    values = fn(a, b)
-    return (values if kept is None else torch.where(kept, values, values.new_zeros(()))).sum()
-
-
 def _walk(fn: Any, rows: int, sides: int, keep: Any, inputs: Any, wanted: Any,
           grad_out: torch.Tensor) -> tuple[torch.Tensor, list]:  # fmt: skip
-    """Chunk by chunk: the sum over kept rows of fn, and the gradients of ``grad_out`` times it
-    to the ``wanted`` inputs. Autograd differentiates fn with respect to each chunk's logits;
-    a side's gradient goes through ``F.linear`` by hand, the weight's into one buffer."""
+    """Chunk by chunk: the sum of fn over the rows ``keep`` keeps (the others zeroed: whatever
+    they held, even NaN, reaches nothing), and the gradients of ``grad_out`` times it to the
+    ``wanted`` inputs ``(noisy, clean, *weights)``. The first ``sides`` sides are hidden states,
+    given to fn as logits ``F.linear(x, *weights)``. Autograd differentiates fn; the linear is
+    taken by hand, the weight's gradient accumulating in one buffer."""
     weights, device = inputs[2:], inputs[0].device.type
     grads: list[Any] = [None, None]  # the sides': made at their first gradient
     grads += [torch.zeros_like(w) if want else None for w, want in zip(weights, wanted[2:])]
@@ -131,11 +91,15 @@ def _walk(fn: Any, rows: int, sides: int, keep: Any, inputs: Any, wanted: Any,
     total = inputs[0].new_zeros((), dtype=torch.promote_types(inputs[0].dtype, torch.float32))
     for start in range(0, inputs[0].shape[0], rows):
         part = slice(start, start + rows)
+        kept = None if keep is None else keep[part]
         with torch.no_grad(), torch.autocast(device, enabled=False):
-            kept, chunk, logits = _chunk(keep, part, inputs, sides)
+            chunk = [x[part] if kept is None else torch.where(kept[:, None], x[part], 0)
+                     for x in inputs[:2]]  # fmt: skip
+            logits = [F.linear(x, *weights) if i < sides else x for i, x in enumerate(chunk)]
         leaves = [z.detach().requires_grad_(ask) for z, ask in zip(logits, asks)]
         with torch.enable_grad(), torch.autocast(device, enabled=False):
-            value = _sum(fn, kept, *leaves)
+            values = fn(*leaves)
+            value = (values if kept is None else torch.where(kept, values, 0.0)).sum()
             total = total + value.detach()
             if not value.requires_grad:  # nothing asked, or fn stops both sides' gradients
                 continue
@@ -158,25 +122,20 @@ def _walk(fn: Any, rows: int, sides: int, keep: Any, inputs: Any, wanted: Any,
 
 
 class _Chunked(torch.autograd.Function):
-    """``sum over kept rows of fn(noisy[rows], clean[rows])``, ``rows`` at a time.
-
-    Given ``weights`` (a head's weight and bias), the first ``hidden_sides`` sides are hidden
-    states, and fn is given their logits ``F.linear(x, *weights)``. Without a head, forward
-    keeps only its inputs and backward recomputes each chunk (:func:`_walk`). With a head and
-    ``early``, forward makes the gradients while each chunk's logits exist (they are the size
-    of the hidden states and of the weight: no logits kept), and backward scales them: one
-    pass over the logits instead of two, so such a penalty can be backpropagated once.
-    """
+    """The mean over kept rows of ``fn(noisy, clean)``, chunk by chunk (:func:`_walk`). Without a
+    head, backward recomputes each chunk; with one (and grad mode on: ``early``), forward makes
+    the gradients (hidden-state and weight sized) while each chunk's logits exist, and backward
+    scales them: one pass over the logits, so such a penalty can be backpropagated once."""
 
     @staticmethod
     def forward(ctx: Any, fn: Any, rows: int, keep: Any, count: torch.Tensor,  # type: ignore[override]
                 hidden_sides: int, early: bool, *inputs: Any) -> Any:  # fmt: skip
-        ctx.fn, ctx.rows, ctx.sides = fn, rows, hidden_sides if len(inputs) > 2 else 0
+        ctx.fn, ctx.rows, ctx.sides = fn, rows, hidden_sides
         ctx.save_for_backward(keep, count, *inputs)
         wanted = ctx.needs_input_grad[6:]
         ctx.early = early and ctx.sides > 0 and any(wanted)
-        asked = [ctx.early and w for w in wanted]
-        total, ctx.grads = _walk(fn, rows, ctx.sides, keep, inputs, asked, 1 / count)
+        wanted = [ctx.early and w for w in wanted]  # without early: no gradient here
+        total, ctx.grads = _walk(fn, rows, ctx.sides, keep, inputs, wanted, 1 / count)
         return total / count
 
     @staticmethod
@@ -210,37 +169,49 @@ def reduce_divergence(
     head: Optional[Head] = None,
     clean_is_hidden: bool = False,
 ) -> torch.Tensor:
-    """``per_position(noisy, clean)`` averaged over the positions ``mask`` keeps.
+    """``per_position(noisy, clean)`` averaged over the positions ``mask`` keeps: a float32 (or
+    float64) scalar.
 
     Chunk by chunk over positions, each chunk cast to float32 (float64 stays float64) on its
-    own, autocast off, recomputed in backward (with ``head``: differentiated in the forward,
-    once): the memory this adds is one chunk's temporaries (with ``head``, and the gradients
-    of the hidden states and the head's weight).
-    Logits that cannot be viewed as ``[positions, C]`` (sliced along the sequence) are copied
-    once in their own dtype; to leave positions out, pass a mask rather than a slice.
+    own, autocast off, recomputed in backward (with ``head``: differentiated in the forward):
+    what this adds is one chunk's temporaries (with ``head``, and the gradients of the hidden
+    states and the head's weight). Logits that cannot be viewed as ``[positions, C]`` are
+    copied once in their own dtype; to leave positions out, pass a mask rather than a slice.
 
     Args:
         per_position: ``(noisy, clean) -> [...]``, such as :func:`sym_kl`.
         noisy: The noisy pass's logits ``[..., C]`` (with ``head``: its hidden states).
-        clean: The clean pass's logits (with ``head`` and ``clean_is_hidden``: its hidden
-            states).
+        clean: The clean pass's logits (with ``clean_is_hidden``: its hidden states).
         mask: Optional boolean (or 0/1) ``[...]``: only positions where it is true count, so
             whatever the others hold (even NaN) reaches neither the value nor a gradient; no
             true entry gives 0. Applied with ``torch.where``: no host sync, no gathered copy.
         chunk_positions: Positions per chunk (None: ``max(4 MiB / (4 * C), positions / 64)``,
             8 MiB with a head, :func:`chunk_rows`).
-        head: Make each chunk's logits from hidden states with this head (its weights get
-            their gradients too).
+        head: Make each chunk's logits from hidden states with this head (and its weights'
+            gradients).
         clean_is_hidden: ``clean`` holds hidden states for ``head`` (else logits).
 
-    Returns:
-        A float32 (or float64) scalar.
-
     Raises:
-        RaptRegError: for outputs of other shapes or not floating point, a mask that does not
-            match the leading dimensions, or ``chunk_positions`` not a positive int.
+        RaptRegError: for outputs not floating point or of other shapes, a mask that does not
+            match their leading dimensions, or ``chunk_positions`` not a positive int.
     """
-    check_outputs(noisy, clean, head, clean_is_hidden)
+    for name, t in (("noisy", noisy), ("clean", clean)):
+        if not t.is_floating_point():
+            raise RaptRegError(
+                f"{name} output has dtype {t.dtype}: the divergence needs floating-point logits, "
+                "not class indices or booleans"
+            )
+    if head is not None and noisy.shape[-1:] != head.weight.shape[1:]:
+        raise RaptRegError(
+            f"the noisy hidden states have shape {tuple(noisy.shape)} but the head's weight "
+            f"is {tuple(head.weight.shape)}: pass head= the module applied to them"
+        )
+    classes = noisy.shape[-1] if head is None else head.weight.shape[0]
+    if clean.shape != (*noisy.shape[:-1], noisy.shape[-1] if clean_is_hidden else classes):
+        raise RaptRegError(
+            f"noisy output has shape {tuple(noisy.shape)} but clean output has shape "
+            f"{tuple(clean.shape)}: both passes must return logits of the same shape"
+        )
     if mask is not None and mask.shape != noisy.shape[:-1]:
         raise RaptRegError(
             f"mask has shape {tuple(mask.shape)} but the outputs' leading dimensions are "
@@ -258,16 +229,13 @@ def reduce_divergence(
     def fn(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         return per_position(finish(a), clean_finish(b))
 
-    rows = chunk_positions or (
-        chunk_rows(positions, noisy.shape[-1])
-        if head is None
-        else chunk_rows(positions, head.weight.shape[0], HEAD_CHUNK_BYTES)
-    )
+    size = CHUNK_BYTES if head is None else HEAD_CHUNK_BYTES
+    rows = chunk_positions or chunk_rows(positions, classes, size)
     flat = (x.reshape(positions, x.shape[-1]) for x in (noisy, clean))
     weights = () if head is None else head.params()
     # The mean over kept positions; an all-false mask (or no position) gives 0 / 1 = 0.
-    count = noisy.new_tensor(max(positions, 1), dtype=work) if keep is None else keep.sum()
-    count = count.clamp_min(1).to(work)
+    count = (noisy.new_tensor(positions) if keep is None else keep.sum()).clamp_min(1).to(work)
+    sides = 0 if head is None else 1 + clean_is_hidden  # hidden states given with a head
+    grad = torch.is_grad_enabled()
     with torch.autocast(device_type=noisy.device.type, enabled=False):
-        grad = torch.is_grad_enabled()
-        return _Chunked.apply(fn, rows, keep, count, 1 + clean_is_hidden, grad, *flat, *weights)
+        return _Chunked.apply(fn, rows, keep, count, sides, grad, *flat, *weights)

@@ -2,7 +2,4 @@
 
 
 class RaptRegError(ValueError):
-    """Raised for every misuse rapt-reg detects; the message says what was wrong and the fix.
-
-    It subclasses ``ValueError``, so ``except ValueError`` catches it too.
-    """
+    """Raised for every misuse rapt-reg detects, saying what was wrong and the fix."""

@@ -1,11 +1,6 @@
-"""Forward hooks on a stack of blocks: installed once, idle until a noisy pass is armed.
-
-Layers are counted by block *call*, on the forward that runs: layer 0 is the hidden state
-entering the first call (the embedding output), layer r the output of the r-th call. An armed
-:class:`NoisyPass` adds its perturbation at exactly one of those points; an idle call that
-recomputes an armed one (checkpointing, :mod:`~rapt_reg.replay`) adds the same noise again
-there. The hooks keep their state here, never on the user's modules.
-"""
+"""Forward hooks on a stack of blocks, idle until a noisy pass is armed; no state on the user's
+modules. Layer 0 is the input of the forward's first block call, layer r the r-th call's output:
+an armed :class:`NoisyPass` adds noise at one; its recomputation (:mod:`~rapt_reg.replay`) too."""
 
 from __future__ import annotations
 
@@ -24,9 +19,7 @@ from .replay import Frame, Perturb
 
 @dataclass
 class NoisyPass:
-    """One armed forward pass: where the noise goes (``layer``, ``perturb``, ``frame``), and
-    what the hooks saw: block calls of the perturbed stack, which stack ran first (``stack``)
-    and which others ran too, whether the noise was added, and ``||delta|| / ||h||``."""
+    """One armed forward pass: where its noise goes, and what the hooks saw of it."""
 
     layer: int
     perturb: Perturb
@@ -43,9 +36,8 @@ def input_key(args: tuple, kwargs: dict) -> Any:
     """Where a block's hidden states are: 0 (first positional), a keyword, or None."""
     if args and isinstance(args[0], torch.Tensor):
         return 0
-    if isinstance(kwargs.get("hidden_states"), torch.Tensor):
-        return "hidden_states"
-    return next((k for k, v in kwargs.items() if isinstance(v, torch.Tensor)), None)
+    keys = ("hidden_states", *kwargs)  # that keyword first, else the first with a tensor
+    return next((k for k in keys if isinstance(kwargs.get(k), torch.Tensor)), None)
 
 
 def with_input(args: tuple, kwargs: dict, key: Any, new: torch.Tensor) -> tuple[tuple, dict]:
@@ -74,41 +66,25 @@ def _with_output(output: Any, new: torch.Tensor) -> Any:
     if isinstance(output, list):
         return [new, *output[1:]]
     if isinstance(output, tuple):
-        items = (new, *output[1:])
-        return type(output)(*items) if hasattr(output, "_fields") else items
+        return type(output)(new, *output[1:]) if hasattr(output, "_fields") else (new, *output[1:])
     replaced = {**output, next(iter(output)): new}
-    try:
+    with contextlib.suppress(TypeError):
         return type(output)(**replaced)
-    except TypeError:
-        return replaced
+    return replaced
 
 
 def infer_batch_dim(hidden: torch.Tensor, args: tuple, kwargs: dict) -> Optional[int]:
-    """0 or 1 from a block call: where a ``[batch, seq]`` mask argument puts the batch (a
-    block given ``[seq, batch, C]`` states with a ``[batch, seq]`` padding mask, fairseq's
-    layout, is sequence-first). None when no 2-D argument tells, or the first two dims are equal."""
+    """0 or 1: the batch dim a ``[batch, seq]`` argument shows (fairseq's mask), if one does."""
     if hidden.ndim < 3 or hidden.shape[0] == hidden.shape[1]:
         return None
-    first_two = tuple(hidden.shape[:2])
-    for value in (*args, *kwargs.values()):
-        shape = tuple(value.shape) if isinstance(value, torch.Tensor) else ()
-        if value is not hidden and shape in (first_two, first_two[::-1]):
-            return 0 if shape == first_two else 1
-    return None
+    layouts = {tuple(hidden.shape[:2]): 0, tuple(hidden.shape[1::-1]): 1}  # hidden's is >= 3-D
+    shapes = (tuple(v.shape) for v in (*args, *kwargs.values()) if isinstance(v, torch.Tensor))
+    return next((layouts[s] for s in shapes if s in layouts), None)
 
 
 class StackHooks:
-    """A pre- and a post-forward hook on every block of one or more candidate stacks.
-
-    Idle (no pass armed, no noisy graph alive, or traced by torch.compile) a hook reads two
-    attributes and returns, so a forward without RAPT is unchanged; anything else runs eagerly
-    (a compiled model breaks its graph there, in a noisy pass).
-
-    Args:
-        stacks: The candidate stacks' blocks, each in call order.
-        batch_dims: Per stack, the batch dim of its hidden states (None: the first armed
-            forward decides).
-    """
+    """Pre- and post-forward hooks on every block of the candidate ``stacks`` (each in call order),
+    ``batch_dims`` per stack (None: the first armed pass decides); an idle hook does two reads."""
 
     def __init__(
         self, stacks: Sequence[Sequence[nn.Module]], batch_dims: Sequence[Optional[int]]
@@ -118,12 +94,10 @@ class StackHooks:
         self._handles: Optional[list[tuple[int, Any]]] = []
         self._pass: Optional[NoisyPass] = None
         for index, blocks in enumerate(stacks):
-            for block in blocks:
-                if id(block) not in self._stack_of:  # a block of two candidates: hooked once
-                    self._stack_of[id(block)] = index
-                    pre = block.register_forward_pre_hook(self._pre, with_kwargs=True)
-                    post = block.register_forward_hook(self._post)
-                    self._handles += [(index, pre), (index, post)]
+            for block in (b for b in blocks if id(b) not in self._stack_of):  # each hooked once
+                self._stack_of[id(block)] = index
+                pre = block.register_forward_pre_hook(self._pre, with_kwargs=True)
+                self._handles += [(index, pre), (index, block.register_forward_hook(self._post))]
 
     @property
     def installed(self) -> bool:
@@ -164,8 +138,6 @@ class StackHooks:
             handle.remove()
         self._handles, self._pass = None, None
 
-    # The hooks: enter the frame, count the call, add the noise at its point (or replay it).
-
     def _pre(self, module: nn.Module, args: tuple, kwargs: dict) -> Any:
         idle = self._pass is None and (torch.compiler.is_compiling() or not replay.pending())
         return None if idle else self._eager_pre(module, args, kwargs)
@@ -203,15 +175,14 @@ class StackHooks:
 
     @torch.compiler.disable
     def _eager_post(self, module: nn.Module, output: Any) -> Any:
-        p = self._pass
-        if p is None:
+        if (p := self._pass) is None:
             call = replay.find(self, module, "post")
             if call is None or call.noise is None:
                 return None
             hidden = output_hidden(output)
             return _with_output(output, hidden + call.noise[0](hidden, call.noise[1]))
         call = replay.enter(p.frame, module, "post")
-        if p.layer == 0 or p.applied or self._stack_of[id(module)] != p.stack or p.calls != p.layer:
+        if p.applied or self._stack_of[id(module)] != p.stack or p.calls != p.layer:
             return None
         return _with_output(output, self._add(p, call, output_hidden(output)))
 

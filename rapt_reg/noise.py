@@ -1,17 +1,8 @@
-"""Sampling and scaling of the perturbation: pure tensor functions.
-
-Algorithm 1, lines 5-6 of the RAPT paper: ``delta ~ N(0, sigma^2 I)``, then
-``delta <- eta * delta / ||delta||_inf``, the norm taken per example over all of its positions
-and features, so every example's noise has inf-norm exactly ``eta`` and ``sigma`` cancels.
-
-One vectorised path (no host syncs): states viewed batch-first as ``[batch, positions,
-features]``, norms over the positions a ``noise_mask`` keeps; masks are ``[batch, seq]`` in any
-layout (:func:`scale_noise`), so padding changes no example's noise.
-"""
+"""RAPT's Algorithm 1, lines 5-6, as pure tensor functions without host syncs: draw
+``delta ~ N(0, sigma^2 I)``, then ``delta <- eta * delta / ||delta||_inf`` per example."""
 
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
@@ -19,10 +10,7 @@ import torch
 from .errors import RaptRegError
 
 NORMS = ("inf", "l2", None)
-ETA_SCALES = ("absolute", "hidden_rms")
-"""What eta is measured in: absolute (the paper), or RMS(h) of each example's hidden states."""
-
-_TINY = 1e-30  # the smallest divisor: reached only by an all-zero sample (or no real token)
+ETA_SCALES = ("absolute", "hidden_rms")  # eta's unit: absolute (the paper) or an example's RMS(h)
 
 
 def check_token_masks(
@@ -72,30 +60,25 @@ def check_token_masks(
             )
 
 
-def _groups(x: torch.Tensor, batch_dim: int, noise_mask: Optional[torch.Tensor]):
-    """``x`` as ``[batch, positions, features]`` and ``noise_mask`` as ``[..., 1]`` (None: all)."""
-    first = x.movedim(batch_dim, 0) if x.ndim else x.reshape(1)
-    positions = first.shape[1] if first.ndim > 1 else 1
-    groups = first.reshape(first.shape[0], positions, math.prod(first.shape[2:]))
-    if noise_mask is None:
-        return groups, groups.new_ones((*groups.shape[:2], 1), dtype=torch.bool)
-    return groups, noise_mask.to(groups.device)[..., None]
+def _groups(x: torch.Tensor, batch_dim: int, mask: torch.Tensor | None, ids: torch.Tensor | None):
+    """Check the masks; ``x`` as ``[batch, positions, features]`` zeroed off ``mask``; the mask."""
+    check_token_masks(mask, ids, tuple(x.shape), batch_dim)
+    groups = (x.movedim(batch_dim, 0) if x.ndim > 1 else x.reshape(-1, 1)).unsqueeze(-1).flatten(2)
+    keep = groups.new_ones(groups.shape[:2], dtype=torch.bool) if mask is None else mask
+    keep = keep.to(groups.device)[..., None]
+    return torch.where(keep, groups, 0.0), keep
 
 
-def _total(values: torch.Tensor, per_token: bool, segment_ids: Optional[torch.Tensor], reduce: str):
-    """``values`` ``[batch, positions]`` (>= 0) reduced ("amax"/"sum") over each one's group:
-    the position (``per_token``), its (row, segment) pair (segment ids ranked by sorting each
-    row, so any integers work), or its row."""
+def _total(values: torch.Tensor, per_token: bool, segment_ids: torch.Tensor | None, reduce: str):
+    """``values`` ``[batch, positions]`` (>= 0) reduced over each one's token, segment or row."""
     if per_token:
         return values
     if segment_ids is None:
         return values.amax(1, keepdim=True) if reduce == "amax" else values.sum(1, keepdim=True)
     sorted_ids, order = segment_ids.to(values.device).sort(dim=1)
-    starts = torch.ones_like(sorted_ids, dtype=torch.bool)
-    starts[:, 1:] = sorted_ids[:, 1:] != sorted_ids[:, :-1]
-    group = torch.empty_like(order).scatter_(1, order, starts.long().cumsum(1) - 1)
-    totals = torch.zeros_like(values).scatter_reduce(1, group, values, reduce=reduce)
-    return totals.gather(1, group)
+    rank = sorted_ids.diff(dim=1, prepend=sorted_ids[:, :1]).ne(0).cumsum(1)  # 0, 1, ... a row
+    group = torch.empty_like(order).scatter_(1, order, rank)
+    return torch.zeros_like(values).scatter_reduce(1, group, values, reduce=reduce).gather(1, group)
 
 
 def scale_noise(
@@ -116,31 +99,23 @@ def scale_noise(
         norm: ``"inf"`` (the paper), ``"l2"``, or ``None`` (unscaled; padding still zeroed).
         batch_dim: Which dimension indexes examples.
         per_token: Scale each position (the dimension after the batch's) on its own.
-        noise_mask: Optional bool ``[batch, seq]``, True on real tokens: the others get no
-            noise, and an example's norm is over its real tokens (none: no noise).
+        noise_mask: Optional bool ``[batch, seq]``: only True (real) tokens get noise, set the norm.
         segment_ids: Optional integer ``[batch, seq]``: each (row, id) pair is one example.
 
     Example:
-        >>> _ = torch.manual_seed(0)  # float rounding: other draws may give 1.9999999
-        >>> d = scale_noise(torch.randn(2, 3, 4), eta=2.0)
-        >>> d.flatten(1).abs().amax(1)
-        tensor([2., 2.])
-        >>> mask = torch.tensor([[True, True, False], [True, False, False]])
-        >>> d = scale_noise(torch.randn(2, 3, 4), eta=2.0, noise_mask=mask)
-        >>> bool((d[~mask] == 0).all()), d[0, :2].abs().max().item(), d[1, 0].abs().max().item()
-        (True, 2.0, 2.0)
+        >>> mask = torch.tensor([[True, True], [True, False]])
+        >>> scale_noise(torch.tensor([[1.0, -4.0], [0.5, 8.0]]), eta=2.0, noise_mask=mask).tolist()
+        [[0.5, -2.0], [2.0, 0.0]]
     """
     if norm not in NORMS:
         raise RaptRegError(f"norm must be one of {NORMS}, got {norm!r}")
-    check_token_masks(noise_mask, segment_ids, tuple(delta.shape), batch_dim)
-    groups, keep = _groups(delta, batch_dim, noise_mask)
-    groups = torch.where(keep, groups, 0.0)
+    groups, _ = _groups(delta, batch_dim, noise_mask, segment_ids)
     if norm is not None:
         if norm == "inf":
             size = _total(groups.abs().amax(-1), per_token, segment_ids, "amax")
         else:
             size = _total(groups.square().sum(-1), per_token, segment_ids, "sum").sqrt()
-        groups = groups * (eta / size.clamp_min(_TINY))[..., None]
+        groups = groups * (eta / size.clamp_min(1e-30))[..., None]  # 0: all zero, or no real token
     return groups.reshape(delta.movedim(batch_dim, 0).shape).movedim(0, batch_dim)
 
 
@@ -152,25 +127,15 @@ def hidden_rms(
     noise_mask: Optional[torch.Tensor] = None,
     segment_ids: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    """RMS of ``hidden`` per example (segment, position) over its real tokens, no gradient.
-
-    ``eta_scale="hidden_rms"`` multiplies the noise by it, so that ``eta`` is relative to the
-    hidden states' size. Arguments as for :func:`scale_noise`; the result is float32 (at
-    least), broadcastable to ``hidden`` (size 1 along the dims reduced over).
-
-    Example:
-        >>> hidden_rms(torch.full((2, 3, 4), 3.0)).flatten()
-        tensor([3., 3.])
-    """
-    check_token_masks(noise_mask, segment_ids, tuple(hidden.shape), batch_dim)
+    """The scale of ``eta_scale="hidden_rms"``: RMS of ``hidden`` per example (segment, token) over
+    its real tokens, detached, float32 at least, broadcastable; args as for :func:`scale_noise`."""
     work = hidden.detach().to(torch.promote_types(hidden.dtype, torch.float32))
-    groups, keep = _groups(work, batch_dim, noise_mask)
-    total = _total(torch.where(keep, groups.square(), 0.0).sum(-1), per_token, segment_ids, "sum")
+    groups, keep = _groups(work, batch_dim, noise_mask, segment_ids)
+    total = _total(groups.square().sum(-1), per_token, segment_ids, "sum")
     count = _total(keep[..., 0] * float(groups.shape[-1]), per_token, segment_ids, "sum")
     rms = (total / count.clamp_min(1.0)).sqrt()
-    if hidden.ndim < 2:
-        return rms.reshape(hidden.shape)
-    return rms.reshape(*rms.shape[:2], *(1,) * (hidden.ndim - 2)).movedim(0, batch_dim)
+    rms = rms.reshape((*rms.shape[: hidden.ndim], *(1,) * (hidden.ndim - 2)))
+    return rms.movedim(0, batch_dim) if hidden.ndim else rms
 
 
 def sample_noise(
@@ -188,19 +153,12 @@ def sample_noise(
     segment_ids: Optional[torch.Tensor] = None,
     scale: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    """Draw ``delta ~ N(0, sigma^2 I)`` and rescale it with :func:`scale_noise`.
-
-    Drawn (on the generator's device) and scaled in float32 at least, cast to ``dtype`` last
-    (a half-precision noise's norm is ``eta`` rounded once), returned on ``device``. ``scale``
-    (e.g. :func:`hidden_rms`) multiplies it before the cast: the norm becomes ``eta * scale``.
-    """
+    """Draw ``delta ~ N(0, sigma^2 I)``, rescale it with :func:`scale_noise`, times ``scale`` (e.g.
+    :func:`hidden_rms`: norm ``eta * scale``), on the generator's device in float32 at least; then
+    cast to ``dtype`` (norm rounded once) on ``device``."""
     work_dtype = torch.promote_types(dtype, torch.float32)
     sample_device = generator.device if generator is not None else device
-    delta = torch.randn(shape, dtype=work_dtype, device=sample_device, generator=generator)
     masks = {"noise_mask": noise_mask, "segment_ids": segment_ids}
-    delta = scale_noise(
-        delta * sigma, eta=eta, norm=norm, batch_dim=batch_dim, per_token=per_token, **masks
-    )
-    if scale is not None:
-        delta = delta * scale.to(device=delta.device, dtype=work_dtype)
-    return delta.to(device=device, dtype=dtype)
+    raw = sigma * torch.randn(shape, dtype=work_dtype, device=sample_device, generator=generator)
+    delta = scale_noise(raw, eta=eta, norm=norm, batch_dim=batch_dim, per_token=per_token, **masks)
+    return (delta if scale is None else delta * scale.to(delta)).to(device=device, dtype=dtype)

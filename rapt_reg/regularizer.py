@@ -9,7 +9,7 @@ import math
 import random
 import warnings
 from dataclasses import dataclass
-from typing import Any, Callable, Optional, TypeVar, Union
+from typing import Any, Callable, Optional, Self, Union
 
 import torch
 from torch import nn
@@ -22,16 +22,13 @@ from .head import HeadHook, HeadSpec, find_head
 from .hooks import NoisyPass, Perturb, StackHooks
 from .noise import ETA_SCALES, NORMS, check_token_masks, hidden_rms, sample_noise
 
-Output = Any
-"""A model output: a logits tensor ``[..., C]`` or an object with a ``.logits`` tensor."""
+Output = Any  # a model output: a logits tensor [..., C], or an object with a .logits one
 Divergence = Union[str, Callable[..., torch.Tensor]]
 Masks = Optional[torch.Tensor]
 NONFINITE_POLICIES = ("raise", "skip")
-CHECK_EVERY = 100
-"""Deferred checks (non-finite, exactly-zero penalty) are read at most this many calls apart."""
+CHECK_EVERY = 100  # deferred checks (non-finite, zero penalty) are read within this many calls
 
 logger = logging.getLogger("rapt_reg")
-_Reg = TypeVar("_Reg", bound="PerturbationRegularizer")
 
 
 def logits_of(output: Output) -> torch.Tensor:
@@ -86,12 +83,7 @@ class Step:
 
 
 class PerturbationRegularizer(abc.ABC):
-    """The call shape RAPT, SMART and R3F share, and everything but their noise.
-
-    Every method adds its noise through the same hooks and checkpoint replay; a subclass says
-    only what noise goes where (:meth:`_step`). Arguments are those of
-    :class:`RandomPerturbationRegularizer`.
-    """
+    """What RAPT, SMART and R3F share: all but the noise (:meth:`_step`); arguments as RAPT's."""
 
     _stats_prefix = "rapt"
     _noise_knob = "the noise"  # named in the non-finite error
@@ -161,22 +153,18 @@ class PerturbationRegularizer(abc.ABC):
         Args:
             noisy_forward: Zero-argument callable running the model on that batch.
             clean_output: The clean forward's output (a tensor, or has ``.logits``).
-            mask: Optional ``[...]`` over the logits' leading dims; false positions do not
-                count.
+            mask: Optional ``[...]`` over the logits' leading dims; false positions don't count.
             noise_mask: Optional bool ``[batch, seq]``, True on real tokens: padding gets no
-                noise, and each example's norm is over its real tokens.
-            segment_ids: Optional integer ``[batch, seq]``: each (row, segment) pair of a
-                packed row is scaled as one example.
+                noise and is left out of each example's norm.
+            segment_ids: Optional int ``[batch, seq]``: each (row, segment) is scaled as an example.
 
         Returns:
-            ``alpha * divergence(noisy, clean)``, a scalar to add to the task loss; 0 (and
-            ``noisy_forward`` not run) in eval mode, said once.
+            ``alpha * divergence(noisy, clean)``, a scalar to add to the task loss; in eval mode
+            0 (``noisy_forward`` not run), said once.
 
         Raises:
-            RaptRegError: if the noise did not reach the model or the outputs do not match.
-        """
-        self._check_callable(noisy_forward)
-        check_token_masks(noise_mask, segment_ids)
+            RaptRegError: if the noise did not reach the model or the outputs do not match."""
+        self._check_call(noisy_forward, noise_mask, segment_ids, "noisy_forward")
         step = Step(logits_of(clean_output), False, mask, noise_mask, segment_ids)
         return self._run(noisy_forward, step)
 
@@ -190,19 +178,15 @@ class PerturbationRegularizer(abc.ABC):
     ) -> tuple[Output, torch.Tensor]:
         """``(clean_output, penalty)``: exactly ``clean = forward(); reg(forward, clean, ...)``.
 
-        The same buffers (BatchNorm statistics), auxiliary outputs (MoE router logits),
-        collectives (DDP, FSDP) and gradients as those two calls. With ``head=``, the clean
-        side is the head's input captured in this clean pass: no logits need exist (a fused
-        loss), and none are kept alive for the penalty.
-        """
-        self._check_callable(forward, "forward")
-        check_token_masks(noise_mask, segment_ids)  # refused before any forward runs
+        Same buffers (BatchNorm), auxiliary outputs (MoE router logits), collectives (DDP, FSDP)
+        and gradients as those two calls. With ``head=`` the clean side is the head's input in
+        this pass: no logits need exist (a fused loss), and none are kept for the penalty."""
+        self._check_call(forward, noise_mask, segment_ids, "forward")
         with self._capture("clean") as captured:
             output = forward()
         clean = captured[0] if captured else logits_of(output)
-        return output, self._run(
-            forward, Step(clean, bool(captured), mask, noise_mask, segment_ids)
-        )
+        step = Step(clean, bool(captured), mask, noise_mask, segment_ids)
+        return output, self._run(forward, step)
 
     @property
     def skipped_steps(self) -> int:
@@ -211,13 +195,11 @@ class PerturbationRegularizer(abc.ABC):
         return self._skipped
 
     def stats(self) -> dict[str, float]:
-        """The last noise-to-hidden norm ratio and the skipped steps (a host sync; deferred
-        checks raise here, see ``nonfinite``)."""
+        """Last noise-to-hidden norm ratio and skipped steps (syncs; deferred checks raise)."""
         ratio = self.last_noise_to_hidden_ratio
-        prefix = self._stats_prefix
         return {
-            f"{prefix}/noise_to_hidden_ratio": math.nan if ratio is None else ratio,
-            f"{prefix}/skipped_steps": float(self.skipped_steps),
+            f"{self._stats_prefix}/noise_to_hidden_ratio": math.nan if ratio is None else ratio,
+            f"{self._stats_prefix}/skipped_steps": float(self.skipped_steps),
         }
 
     @property
@@ -226,8 +208,7 @@ class PerturbationRegularizer(abc.ABC):
         return None if self._last_noise_ratio is None else float(self._last_noise_ratio)
 
     def state_dict(self) -> dict[str, Any]:
-        """What a resumed run needs to draw the same layers and noise (save the global RNG,
-        ``torch.get_rng_state()``, for dropout, alongside)."""
+        """To resume the same layers and noise (also save ``torch.get_rng_state()`` for dropout)."""
         return {"format": 1, "rng": self._rng.getstate(), "skipped_steps": self.skipped_steps}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -247,7 +228,7 @@ class PerturbationRegularizer(abc.ABC):
             self._head.remove()
         self._last_noise_ratio = None
 
-    def __enter__(self: _Reg) -> _Reg:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -265,35 +246,20 @@ class PerturbationRegularizer(abc.ABC):
         """The perturbed stack's dotted path (the candidates' while a forward has to choose)."""
         return ", ".join(s.path or ",".join(s.names) for s in self.stacks)
 
-    # -- for subclasses -------------------------------------------------------------------------
-
     def _noisy_pass(
         self, forward: Callable[[], Output], layer: int, perturb: Perturb, max_layer: int = 0
     ) -> torch.Tensor:
         """Run ``forward`` with ``perturb`` added at ``layer``, on an RNG stream of its own.
 
-        Returns its logits (with ``head=``, its head's input), holding the pass's frame as long
-        as its graph, so that a checkpointed region recomputes the same noise. Refuses a pass
-        the noise did not reach, or whose forward made fewer block calls than ``max_layer``.
-        """
+        Returns its logits (``head=``: the head's input), holding the pass's frame as long as
+        its graph, so a checkpointed region recomputes the same noise. Refuses a pass the noise
+        missed, that ran two stacks, or fewer block calls than ``max_layer``; keeps the stack
+        that ran, with its calls and batch dim (logged once)."""
         frame = replay.Frame(self._hooks, self._rng.getrandbits(62), self.model)
         p = NoisyPass(layer=layer, perturb=perturb, frame=frame)
-        stream = replay.stream(frame, self._devices())
+        stream = replay.stream(frame, {w.device for w in self.model.parameters()})
         with stream, self._hooks.armed(p), self._capture("noisy") as captured:
             p.output = forward()
-        self._settle_stack(p, max_layer)
-        if self._head is not None:
-            self._head.check(logits_of(p.output))
-        self._last_noise_ratio = p.noise_ratio
-        return replay.carry(captured[0] if captured else logits_of(p.output), frame)
-
-    def _capture(self, mode: str) -> contextlib.AbstractContextManager[list[torch.Tensor]]:
-        """With ``head=``, the head's input during the block (noisy: no logits are made)."""
-        return self._head.capture(mode) if self._head else contextlib.nullcontext([])
-
-    def _settle_stack(self, p: NoisyPass, max_layer: int) -> None:
-        """Refuse a pass the noise missed, or a model where two stacks ran; keep the stack that
-        ran, with its observed calls and batch dim (named once, in the log)."""
         if p.calls == 0:
             where = ", ".join(repr(s.path or ",".join(s.names)) for s in self.stacks)
             raise RaptRegError(
@@ -318,16 +284,23 @@ class PerturbationRegularizer(abc.ABC):
             )
         if stack.calls_per_forward != p.calls:
             logger.info("rapt-reg perturbs %r: %d block calls a forward", self.stack_path, p.calls)
+        if self._head is not None:
+            self._head.check(logits_of(p.output))
+        self._last_noise_ratio = p.noise_ratio
+        return replay.carry(captured[0] if captured else logits_of(p.output), frame)
 
-    def _devices(self) -> set[torch.device]:
-        return {p.device for p in self.model.parameters()}
+    def _capture(self, mode: str) -> contextlib.AbstractContextManager[list[torch.Tensor]]:
+        """With ``head=``, the head's input during the block (noisy: no logits are made)."""
+        return self._head.capture(mode) if self._head else contextlib.nullcontext([])
 
-    def _check_callable(self, fn: object, name: str = "noisy_forward") -> None:
+    def _check_call(self, fn: object, noise_mask: Masks, segment_ids: Masks, name: str) -> None:
+        """Refuse a bad forward or bad masks before any forward runs."""
         if not callable(fn):
             raise RaptRegError(
                 f"{name} must be a zero-argument callable, got {type(fn).__name__}: pass "
                 "lambda: model(**batch)"
             )
+        check_token_masks(noise_mask, segment_ids)
 
     def _run(self, noisy_forward: Callable[[], Output], step: Step) -> torch.Tensor:
         """The penalty in training mode; in eval mode 0, said once."""
@@ -361,8 +334,7 @@ class PerturbationRegularizer(abc.ABC):
         return div.reduce_divergence(fn, noisy, clean, step.mask, head=head, clean_is_hidden=hidden)
 
     def _penalty(self, noisy: torch.Tensor, step: Step) -> torch.Tensor:
-        """``alpha * divergence``, a non-finite value replaced by 0 and its gradient stopped on
-        the device; counted, and with ``nonfinite="raise"`` raised at the next check."""
+        """``alpha * divergence``; if not finite: 0, its gradient stopped on the device, counted."""
         if len(self._pending) >= CHECK_EVERY:
             self._read_checks()
         gate = _Gate()
@@ -404,44 +376,36 @@ class PerturbationRegularizer(abc.ABC):
 class RandomPerturbationRegularizer(PerturbationRegularizer):
     """RAPT: perturb one randomly chosen layer with scaled Gaussian noise and penalise the change.
 
-    Each call draws a layer ``r`` uniformly from ``{min_layer, ..., max_layer}`` (layer 0: the
-    embedding output entering the first block call; layer ``r``: the output of the r-th call),
-    adds ``delta = eta * d / ||d||_inf``, ``d ~ N(0, sigma^2 I)`` per example, to the hidden
-    states there during one noisy pass, and returns ``alpha * divergence(f(x + delta_r),
-    f(x))`` (Eq. 2). Hooks go on the blocks (found by
-    :func:`rapt_reg.find_transformer_blocks`) once, after every check; nothing else changes.
+    Each call draws a layer ``r`` from ``{min_layer, ..., max_layer}`` (0: the embedding output
+    entering the first block call; ``r``: the r-th call's output), adds ``delta = eta * d /
+    ||d||_inf``, ``d ~ N(0, sigma^2 I)`` per example, to the hidden states there in one noisy
+    pass, and returns ``alpha * divergence(f(x + delta_r), f(x))`` (Eq. 2). Hooks go on the
+    blocks (:func:`rapt_reg.find_transformer_blocks`) once, after every check.
 
     Args:
-        model: The model (DDP, FSDP, ``torch.compile`` and PEFT wrappers are seen through;
-            ``nn.DataParallel`` is refused). Build the regularizer before ``torch.compile``
-            first runs it.
+        model: The model; DDP, FSDP, ``torch.compile`` and PEFT wrappers are seen through,
+            ``nn.DataParallel`` is refused. Build this before a compiled model first runs.
         eta: Every example's noise has this inf-norm (the paper's eta).
-        max_layer: Highest layer (the paper's; 3 there); refused at the first call if the
-            forward makes fewer block calls.
-        min_layer: Lowest layer (1 in the paper); ``min_layer=max_layer=0`` is "RAPT
-            (Embedding)".
+        max_layer: Highest layer (3 in the paper); more than the forward's block calls is refused.
+        min_layer: Lowest layer (1 in the paper); ``min_layer=max_layer=0`` is "RAPT (Embedding)".
         alpha: Weight of the penalty (the paper's alpha).
         sigma: Standard deviation of the raw Gaussian; it cancels under ``norm``.
         norm: ``"inf"`` (the paper), ``"l2"``, or ``None`` for raw ``N(0, sigma^2 I)`` noise.
         divergence: ``"sym_kl"`` (MT-DNN's symmetric KL), ``"kl"``, ``"js"``, ``"mse"``, or a
             callable ``(noisy_logits, clean_logits) -> per-position values``.
         blocks: Override discovery: a dotted path or a list of modules/paths.
-        generator: A CPU ``torch.Generator`` seeding this regularizer's RNG once (None: one
-            draw of the global RNG); no step draws from the global RNG.
+        generator: A CPU ``torch.Generator``, drawn once to seed this regularizer (None: torch's).
         per_token: Scale each position's noise to ``eta`` instead of each example's.
-        prefer: Part of a dotted path that wins when the model has several stacks (by
-            default an encoder-decoder's encoder, a multimodal model's text decoder).
-        nonfinite: A NaN/inf penalty becomes 0 and reaches no weight (decided on the device);
-            ``"raise"`` then raises at the next check (:meth:`stats`, or within
-            ``CHECK_EVERY`` calls), ``"skip"`` counts it.
-        batch_dim: The hidden states' dimension that indexes examples; None detects it (a
-            ``batch_first`` attribute, else a ``[batch, seq]`` mask argument beside ``[seq,
-            batch, C]`` states on the first forward, else 0).
+        prefer: Part of the path winning among stacks (default: the encoder, a VLM's text decoder).
+        nonfinite: A NaN/inf penalty is 0 and reaches no weight (no host sync); ``"raise"``
+            raises at :meth:`stats` or within ``CHECK_EVERY`` calls, ``"skip"`` counts it.
+        batch_dim: The hidden states' example dim; None: a ``batch_first`` attribute's, else
+            the first forward's ``[batch, seq]`` mask beside ``[seq, batch, C]`` states, else 0.
         eta_scale: ``"absolute"`` (the paper) or ``"hidden_rms"``: inf-norm ``eta * RMS(h)``
             of that example's hidden states (docs/noise-scale.md).
-        head: The output layer, for a penalty that never builds the noisy pass's logits:
-            ``"auto"`` (``get_output_embeddings()``), a module or its path (:mod:`rapt_reg.head`);
-            the noisy pass's head is handed no positions, so that pass must compute no loss.
+        head: The output layer, so the noisy pass never builds logits: ``"auto"``
+            (``get_output_embeddings()``), a module or its path (:mod:`rapt_reg.head`); that
+            pass's head gets no positions, so it must compute no loss.
 
     Raises:
         ValueError: (a :class:`RaptRegError`) for bad arguments or when no blocks are found;
@@ -486,10 +450,9 @@ class RandomPerturbationRegularizer(PerturbationRegularizer):
         self.min_layer = check_int("min_layer", min_layer)
         if min_layer > max_layer:
             raise RaptRegError(f"min_layer={min_layer} is greater than max_layer={max_layer}")
-        if norm not in NORMS:
-            raise RaptRegError(f"unknown norm {norm!r}: use one of {NORMS}")
-        if eta_scale not in ETA_SCALES:
-            raise RaptRegError(f"unknown eta_scale {eta_scale!r}: use one of {ETA_SCALES}")
+        for name, value, known in (("norm", norm, NORMS), ("eta_scale", eta_scale, ETA_SCALES)):
+            if value not in known:
+                raise RaptRegError(f"unknown {name} {value!r}: use one of {known}")
         self.norm, self.eta_scale, self.per_token = norm, eta_scale, per_token
         self.last_layer: Optional[int] = None
         self._warned_zero = False
@@ -511,9 +474,8 @@ class RandomPerturbationRegularizer(PerturbationRegularizer):
             check_token_masks(*masks, tuple(hidden.shape), batch_dim, self.stack_path)
             where: dict[str, Any] = dict(zip(("noise_mask", "segment_ids"), masks))
             where.update(batch_dim=batch_dim, per_token=self.per_token)
-            scale = None
-            if self.eta_scale == "hidden_rms":  # eta relative to RMS(h) (not in the paper)
-                scale = hidden_rms(hidden, **where)
+            # eta_scale="hidden_rms": eta relative to RMS(h) (not in the paper)
+            scale = hidden_rms(hidden, **where) if self.eta_scale == "hidden_rms" else None
             gen = self._noise_source(hidden.device, seed)
             return sample_noise(
                 hidden.shape, eta=self.eta, sigma=self.sigma, norm=self.norm, scale=scale,

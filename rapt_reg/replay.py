@@ -1,17 +1,15 @@
 """The same noise again when a checkpointed region is recomputed: identity, not fingerprints.
 
-The rule. Every noisy pass is a :class:`Frame` that runs on an RNG stream seeded from a seed no
-other live frame holds, and each of its hook calls records the RNG state it finds and then
-re-seeds the stream from (frame seed, call number), so no two hook calls of any live frames
-ever find the same state. ``torch.utils.checkpoint`` restores the RNG state before it recomputes
-a region, so an idle hook that finds a recorded state is the recomputation of exactly that call:
-it re-seeds the same way and, at the call that added the noise, adds the same noise again. A
-seed already live, a recorded state found by another module or hook, or a call replayed twice
-in one backward is refused with a :class:`~rapt_reg.RaptRegError`.
+The rule. Every noisy pass is a :class:`Frame` on an RNG stream seeded with a seed no other live
+frame holds; each hook call records the RNG state it finds, then re-seeds the stream from
+(frame seed, call number), so no two calls of live frames ever find the same state.
+``torch.utils.checkpoint`` restores the RNG state before recomputing a region, so an idle hook that
+finds a recorded state recomputes exactly that call: it re-seeds the same way and, at the noisy
+call, adds the same noise again. A seed already live, a recorded state found by another module or
+hook, or a call replayed twice in one backward is refused (:class:`~rapt_reg.RaptRegError`).
 
-A frame lives exactly as long as its pass's autograd graph (:func:`carry`), and so do its
-records. The CPU generator carries the identity (checkpoints restore it on every device type).
-"""
+A frame and its records live exactly as long as its pass's autograd graph (:func:`carry`). The
+CPU generator carries the identity (checkpoints restore it on every device type)."""
 
 from __future__ import annotations
 
@@ -30,8 +28,7 @@ from .errors import RaptRegError
 Perturb = Callable[[torch.Tensor, int], torch.Tensor]
 """``(hidden, batch_dim) -> delta``; must return the same delta when called again."""
 
-# The global RNG is the process's: streams of all threads take turns (a thread may nest them).
-_LOCK = threading.RLock()
+_LOCK = threading.RLock()  # one global RNG: all threads' streams take turns (a thread may nest)
 _FRAMES: weakref.WeakSet[Frame] = weakref.WeakSet()  # the live ones
 _CALLS: weakref.WeakValueDictionary[tuple[int, int], Call] = weakref.WeakValueDictionary()
 _MASK64 = 2**64 - 1
@@ -67,9 +64,8 @@ class Frame:
 
 
 def _key(owner: object) -> tuple[int, int]:
-    """Where a call of ``owner`` is filed: the owner (alive while its calls are) and the seed
-    of the CPU stream, which every armed call sets anew (so one call per key; the full state
-    confirms a match)."""
+    """Where ``owner``'s call is filed: the owner (alive while its calls are) and the CPU seed,
+    which every armed call sets anew (one call per key; the full state confirms a match)."""
     return id(owner), torch.default_generator.initial_seed()
 
 
@@ -83,10 +79,9 @@ def _reseed(seed: int, number: int) -> None:
 
 @contextlib.contextmanager
 def stream(frame: Frame, devices: Iterable[torch.device] = ()) -> Iterator[Frame]:
-    """Run a pass on an RNG stream of its own, seeded with ``frame.seed``: the CPU's and
-    ``devices``' generators are forked, seeded and restored on exit. Refused when a live frame
-    of an installed regularizer on a model sharing modules holds the same seed (two
-    regularizers built from one seed, both graphs alive), or on two accelerator types."""
+    """Run a pass on an RNG stream of its own: the CPU's and ``devices``' generators are forked,
+    seeded with ``frame.seed`` and restored on exit. Refused on two accelerator types, or when a
+    live frame whose hooks are installed, on a model sharing modules, holds the same seed."""
     accelerators = sorted({d for d in devices if d.type != "cpu"}, key=str)
     kinds = {d.type for d in accelerators}
     if len(kinds) > 1:
@@ -95,9 +90,11 @@ def stream(frame: Frame, devices: Iterable[torch.device] = ()) -> Iterator[Frame
             "RAPT supports the CPU plus one accelerator type"
         )
     device_type = kinds.pop() if kinds else "cuda"
-    indices = [d.index if d.index is not None else 0 for d in accelerators]
+    indices = [d.index or 0 for d in accelerators]
     with _LOCK, torch.random.fork_rng(devices=indices, device_type=device_type):
-        if any(_conflict(f, frame) for f in _FRAMES):
+        ours = {id(m) for m in frame.model.modules()}
+        live = (f for f in _FRAMES if f.seed == frame.seed and f.owner.installed)
+        if any(not ours.isdisjoint(map(id, f.model.modules())) for f in live):
             raise RaptRegError(
                 "two noisy passes drew the same noise-stream seed while both graphs are alive: "
                 "the regularizers were built from the same seed. Give each its own generator "
@@ -106,20 +103,11 @@ def stream(frame: Frame, devices: Iterable[torch.device] = ()) -> Iterator[Frame
             )
         _FRAMES.add(frame)  # until the frame (the pass's graph) is gone
         torch.default_generator.manual_seed(frame.seed)
-        module = getattr(torch, device_type, None) if indices else None
+        module = torch.get_device_module(device_type)  # fork_rng found it
         for index in indices:
-            with module.device(index):  # type: ignore[union-attr]
-                module.manual_seed(frame.seed)  # type: ignore[union-attr]
+            with module.device(index):
+                module.manual_seed(frame.seed)
         yield frame
-
-
-def _conflict(live: Frame, new: Frame) -> bool:
-    """Whether ``live``'s hooks, still installed, could see ``new``'s states (same seed, and
-    their models share a module)."""
-    if live.seed != new.seed or not live.owner.installed:
-        return False
-    a, b = live.model, new.model
-    return a is b or not {id(m) for m in a.modules()}.isdisjoint(id(m) for m in b.modules())
 
 
 def pending() -> bool:
@@ -165,8 +153,6 @@ def find(owner: object, module: nn.Module, where: str) -> Optional[Call]:
 
 
 class _Carry(torch.autograd.Function):
-    """Identity whose graph node holds ``holder``; its gradient passes ``holder.filter``."""
-
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, holder: Any) -> torch.Tensor:
         ctx.holder = holder
@@ -180,6 +166,5 @@ class _Carry(torch.autograd.Function):
 def carry(x: torch.Tensor, holder: Any) -> torch.Tensor:
     """``x``, with ``holder`` alive exactly as long as ``x``'s autograd graph, the gradient
     through it passed through ``holder.filter``; a tensor without a graph is returned as is."""
-    if holder is None or not x.requires_grad or not torch.is_grad_enabled():
-        return x
-    return _Carry.apply(x, holder)
+    graph = holder is not None and x.requires_grad and torch.is_grad_enabled()
+    return _Carry.apply(x, holder) if graph else x

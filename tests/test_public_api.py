@@ -90,3 +90,15 @@ def test_documented_defaults_are_those_of_the_signature(page, header):
         assert parameters[name].default == value, f"{page}: {name} is documented as {text}"
         checked += 1
     assert checked >= 6, documented
+
+
+@pytest.mark.promise("core-size")
+def test_the_core_is_at_most_1500_lines_and_algorithm_1_one_function_of_at_most_40():
+    import rapt_reg
+    from rapt_reg.regularizer import RandomPerturbationRegularizer
+
+    package = Path(rapt_reg.__file__).parent
+    core = ("regularizer", "hooks", "replay", "noise", "divergence", "discovery", "errors")
+    lines = sum(len((package / f"{name}.py").read_text().splitlines()) for name in core)
+    assert lines <= 1500
+    assert len(inspect.getsource(RandomPerturbationRegularizer._step).splitlines()) <= 40
