@@ -92,8 +92,8 @@ def stream(frame: Frame, devices: Iterable[torch.device] = ()) -> Iterator[Frame
     device_type = kinds.pop() if kinds else "cuda"
     indices = [d.index or 0 for d in accelerators]
     with _LOCK, torch.random.fork_rng(devices=indices, device_type=device_type):
-        ours = {id(m) for m in frame.model.modules()}
-        live = (f for f in _FRAMES if f.seed == frame.seed and f.owner.installed)
+        live = [f for f in _FRAMES if f.seed == frame.seed and f.owner.installed]
+        ours = {id(m) for m in frame.model.modules()} if live else set()  # walked when needed
         if any(not ours.isdisjoint(map(id, f.model.modules())) for f in live):
             raise RaptRegError(
                 "two noisy passes drew the same noise-stream seed while both graphs are alive: "
